@@ -1,0 +1,358 @@
+"""Frozen dataclass configs, loaded from `studies/*.yaml` plus CLI overrides.
+
+One place defines defaults (the dataclasses below); YAML files and command-line flags only override them. Unknown
+keys and values of the wrong type are `ConfigError`s naming the file and key. The resolved config is written as
+`config.yaml` into the run directory and is what every later command (distill, predict, aggregate) reads back.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from kd_fracture.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """The synthetic MURA-layout phantom used when no `--data` is given (DESIGN §2.3)."""
+
+    patients: int = 300
+    size: int = 64
+    """Stored PNG side in pixels; images are resized to `data.img_size` on load anyway."""
+    seed: int = 0
+    cache_dir: str = ".kd_fracture_cache"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None
+    """MURA root (parent of MURA-v1.1/, or MURA-v1.1/ itself) or a folder-layout root; None → synthetic phantom."""
+    name: str | None = None
+    """Dataset name for data_manifests/<name>/; default: sanitised basename of the root."""
+    img_size: int = 64
+    folds: int = 5
+    fold_seed: int = 0
+    """random_state of StratifiedGroupKFold; recorded in the folds file name."""
+    inner_val_frac: float = 0.1
+    """Fraction of a fold's training patients held out for early stopping and checkpoint choice."""
+    regenerate_folds: bool = False
+    verify_images: bool = False
+    cache_images: bool = True
+    """Decode and resize every image once into RAM (uint8, img_size²) so later epochs skip PNG decoding."""
+    num_workers: int = 0
+    manifests_dir: str = "data_manifests"
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    hflip: float = 0.5
+    rotate_limit: float = 10.0
+    rrc_scale_min: float = 0.8
+    """RandomResizedCrop scale lower bound (upper is 1.0)."""
+    brightness_contrast: float = 0.2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet50"
+    """Any timm model name, a registered student (hybrid_t|hybrid_s|hybrid_m) or timm:NAME."""
+    num_classes: int = 1
+    """1 = single logit with sigmoid/BCE; 2 = softmax/CE."""
+    in_chans: int = 3
+    """1 = grayscale as is; 3 = grayscale replicated (what ImageNet-pretrained weights expect)."""
+    pretrained: str | None = None
+    """Local weights file (safetensors/pth); never downloaded."""
+    freeze: str = "none"
+    """none | backbone (train only the classifier head)."""
+    drop_rate: float = 0.0
+    overrides: dict = field(default_factory=dict)
+    """Architecture overrides for registered students, e.g. {depth: 3, embed_dim: 192}."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 8
+    """Upper bound; early stopping on the inner-validation split usually ends sooner."""
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    optimizer: str = "adamw"
+    """adamw | adam | sgd (timm.optim.create_optimizer_v2)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    scheduler: str = "cosine"
+    """cosine | step | none (timm.scheduler, stepped per epoch)."""
+    warmup_epochs: int = 1
+    min_lr: float = 1e-6
+    step_epochs: int = 10
+    """step scheduler: decay lr by 0.1 every this many epochs."""
+    loss: str = "bce"
+    """bce (one logit) | ce (two logits)."""
+    pos_weight: float | None = None
+    """BCE weight of positives; null = 1; use n_neg/n_pos for imbalanced data."""
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    """timm Mixup alpha; 0 disables."""
+    cutmix: float = 0.0
+    grad_clip: float | None = 5.0
+    patience: int = 3
+    """Epochs without inner-val improvement before stopping."""
+    monitor: str = "study_kappa"
+    """Inner-val metric for early stopping and checkpoint choice: study_kappa | study_auroc | image_auroc."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda if available) | cpu | cuda | cuda:N."""
+    amp: bool = True
+    """Mixed precision on CUDA (ignored on CPU)."""
+    channels_last: bool = True
+    """channels_last memory format on CUDA (ignored on CPU)."""
+    threads: int | None = None
+    """torch CPU threads; null = torch's default."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    bootstrap: int = 1000
+    """Holdout bootstrap resamples over studies for 95% CIs."""
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    """`python -m kd_fracture.cv`: K-fold teacher cross-validation + holdout."""
+
+    run_dir: str = "runs/teacher_resnet50"
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    refit: bool = False
+    """Also train one model on the whole CV pool and report it beside the fold-ensemble."""
+    sweep: dict = field(default_factory=dict)
+    """Backbone sweep: {name: {overrides}} entries run on the same folds, then compared (see studies/backbone_sweep.yaml)."""
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    temperature: float = 4.0
+    alpha: float = 0.7
+    """Weight of the soft (teacher) term; 0 = no-KD baseline."""
+    views: int = 4
+    """Augmented views per training image whose teacher logits are cached and replayed."""
+    teacher_cache: str = "views"
+    """views (cached, replayed) | none (teacher runs online every step)."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    study: str = "distill_hybrid"
+    storage: str | None = None
+    """null → sqlite:///studies/<study>.db; postgresql://…, mysql://…, journal:PATH."""
+    n_trials: int = 8
+    timeout: float | None = None
+    """Seconds for the search (Optuna's timeout)."""
+    sampler_seed: int = 0
+    pruner: str = "median"
+    """median | wilcoxon | none."""
+    metric: str = "study_kappa"
+    n_startup_trials: int = 2
+    """Median pruner: trials completed before pruning starts."""
+    folds: int | None = None
+    """Folds used inside the search (null = all); final students always train on every fold."""
+    epochs: int | None = None
+    """Epochs per fold inside the search (null = train.epochs)."""
+    space: dict = field(default_factory=dict)
+    """Parameter → {type: float|int|categorical, low, high, log, choices}; keys are kd.* / train.* / student.* paths."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """`python -m kd_fracture.distill`: KD into the hybrid student with an Optuna search."""
+
+    teacher_run: str = "runs/teacher_resnet50"
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name="hybrid_s", in_chans=1, drop_rate=0.1))
+    kd: KDConfig = field(default_factory=KDConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=2e-3, patience=4))
+    search: SearchConfig = field(default_factory=SearchConfig)
+    baselines: tuple = ("no_kd", "timm:mobilevit_xxs")
+    """Extra rows of the comparison table: no_kd = same student with alpha=0; timm:NAME = timm model with KD."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def from_dict(cls: type[T], raw: Mapping[str, Any] | None, source: str = "config", prefix: str = "") -> T:
+    """Build dataclass `cls` from a (nested) mapping; unknown keys and wrong types raise ConfigError."""
+    raw = dict(raw or {})
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        where = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{source}: unknown key '{where}' (known: {', '.join(prefix + k for k in known)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, source, prefix + name) for name, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, source, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise errors[0] if len(errors) == 1 else ConfigError(f"{source}: '{key}' has invalid value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        try:
+            # YAML 1.1 reads "1e-3" as a string; accept it. int("3.5") must fail, not truncate.
+            number = float(value) if tp is float else int(str(value), 10) if isinstance(value, str) else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: '{key}' must be {'a number' if tp is float else 'an integer'}, got {value!r}") from None
+        if tp is int and (not isinstance(number, int) or isinstance(number, bool)):
+            if isinstance(number, float) and number.is_integer():
+                return int(number)
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return number
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+    if tp is tuple or origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+    return value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    return raw
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def merge(base: dict, update: Mapping) -> dict:
+    """Recursive dict merge; `update` wins. Mappings under `space`/`sweep`/`overrides` merge too."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> T:
+    """Defaults ← YAML file ← dotted overrides (`{"train.epochs": 3}`)."""
+    raw = read_yaml(path) if path else {}
+    from_dict(cls, raw, str(path) if path else "defaults")  # errors in the file name the file
+    tree: dict = {}
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key, value)
+    # the file alone is valid, so any error from here on comes from the overrides
+    return from_dict(cls, merge(raw, tree), "command line")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-YAML-safe dict of a config (tuples → lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def replace(cfg: T, **dotted: Any) -> T:
+    """`replace(cfg, **{"train.epochs": 2})` → new frozen config with validated values."""
+    tree = to_dict(cfg)
+    for key, value in dotted.items():
+        set_dotted(tree, key, value)
+    return from_dict(type(cfg), tree, "override")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`--set train.lr=3e-4 --set data.folds=3` → {"train.lr": 3e-4, ...} with YAML scalar parsing."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML", help="study config (e.g. studies/teacher_resnet50.yaml)")
+    parser.add_argument("--set", dest="set_", action="append", metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def overrides_from_args(args: argparse.Namespace, flag_to_key: Mapping[str, str]) -> dict[str, Any]:
+    """Map explicitly given CLI flags (not None) to dotted config keys, then apply --set."""
+    out = {key: getattr(args, flag) for flag, key in flag_to_key.items() if getattr(args, flag, None) is not None}
+    out.update(parse_set(getattr(args, "set_", None)))
+    return out

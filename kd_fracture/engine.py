@@ -1,0 +1,387 @@
+"""One training loop for the teacher and the student (nanoGPT-style: one readable `fit`).
+
+What differs between teacher training and distillation is a small `Task` that turns a batch into named loss parts
+(`{"loss": total, "ce": ..., "kd": ...}`). `fit` logs every part, steps the optimiser, evaluates on the inner
+validation split each epoch, keeps the best checkpoint (safetensors) and a resumable `state_last.pt`, and stops
+early when the monitored inner-val metric stops improving.
+
+Every epoch re-derives its randomness from (seed, epoch) — shuffle order, dropout, mixup — so a run resumed from
+`state_last.pt` after epoch e continues exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from tqdm.auto import tqdm
+
+from kd_fracture import io, metrics
+from kd_fracture.config import TrainConfig
+from kd_fracture.errors import UserError
+from kd_fracture.losses import classification_loss, positive_prob
+
+BEST = "checkpoint_best.safetensors"
+LAST = "state_last.pt"
+HISTORY = "history.csv"
+
+
+class TrainingError(UserError):
+    """Training cannot continue (non-finite loss); finished work and the last good checkpoint are kept."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is truncated, tampered with or not a safe checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tasks
+
+
+class Task(Protocol):
+    def losses(self, model: nn.Module, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
+        """Named loss parts for one batch; "loss" is the total that is back-propagated."""
+
+
+@dataclass
+class SupervisedTask:
+    """Hard-label training: BCE on one logit (or CE on two), optional pos_weight and timm Mixup/CutMix."""
+
+    loss: str = "bce"
+    pos_weight: float | None = None
+    label_smoothing: float = 0.0
+    mixup: Callable | None = None
+
+    def losses(self, model: nn.Module, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
+        x, y = batch["image"], batch["label"]  # (B, C, H, W), (B,) float 0/1
+        if self.mixup is not None:
+            x, y = mix(self.mixup, x, y)
+        logits = model(x)  # (B, 1) or (B, 2)
+        ce = classification_loss(logits, y, kind=self.loss, pos_weight=self.pos_weight,
+                                 label_smoothing=self.label_smoothing)
+        return {"loss": ce, "ce": ce}
+
+
+def make_mixup(cfg: TrainConfig) -> Callable | None:
+    """timm Mixup/CutMix for binary targets; None when both alphas are 0."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    # timm's Mixup mixes one-hot targets; with num_classes=2 column 1 is the soft positive target.
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=2)
+
+
+def mix(mixup: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape[0] % 2:  # timm Mixup needs an even batch; the odd last sample trains unmixed
+        x_mix, y_mix = mixup(x[:-1], y[:-1].long())
+        return torch.cat([x_mix, x[-1:]]), torch.cat([y_mix[:, 1], y[-1:]])
+    x_mix, y_mix = mixup(x, y.long())
+    return x_mix, y_mix[:, 1]  # (B,) soft positive target
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# device, distributed
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Only rank 0 writes files."""
+    return rank() == 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def show_progress() -> bool:
+    env = os.environ.get("KD_FRACTURE_PROGRESS")
+    return env == "1" if env is not None else sys.stderr.isatty() and is_main()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Independent, reproducible seed for one epoch (so resume needs no saved RNG stream)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_weights(model: nn.Module, path: Path, meta: dict | None = None) -> None:
+    """safetensors weights + `<name>.json` sidecar with size and sha256 (detects truncation and tampering)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    with io.atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in (meta or {}).items()})
+    write_sidecar(path, meta)
+
+
+def load_weights(model: nn.Module, path: Path, strict: bool = True) -> nn.Module:
+    verify_sidecar(path)
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e}); delete it and retrain") from None
+    missing, unexpected = unwrap(model).load_state_dict(state, strict=strict)
+    return model
+
+
+def save_state(path: Path, state: dict) -> None:
+    with io.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    write_sidecar(path, {"epoch": state.get("epoch")})
+
+
+def load_state(path: Path) -> dict:
+    """`torch.load(weights_only=True)`: tensors and plain containers only — a pickle with code is refused."""
+    verify_sidecar(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "it is not a safe kd_fracture checkpoint") from None
+
+
+def write_sidecar(path: Path, meta: dict | None = None) -> None:
+    io.write_json(path.with_name(path.name + ".json"),
+                  {"file": path.name, "size": path.stat().st_size, "sha256": io.sha256_file(path), **(meta or {})})
+
+
+def verify_sidecar(path: Path) -> None:
+    sidecar = path.with_name(path.name + ".json")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if not sidecar.is_file():
+        raise CheckpointError(f"{path}: no {sidecar.name} beside it, so its integrity cannot be checked")
+    meta = io.read_json(sidecar)
+    if path.stat().st_size != meta["size"] or io.sha256_file(path) != meta["sha256"]:
+        raise CheckpointError(f"{path}: size/sha256 differ from {sidecar.name}; the file is truncated or was modified")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# inference
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = True, channels_last: bool = False,
+                   transform: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str | None = None) -> torch.Tensor:
+    """Raw logits (N, C) in dataset order (the loader must not shuffle)."""
+    model.eval()
+    out = []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress() or desc is None):
+        x = batch["image"].to(device, non_blocking=True)
+        if transform is not None:
+            x = transform(x)
+        if channels_last and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(x)
+        out.append(logits.float().reshape(len(x), -1).cpu())
+    return torch.cat(out) if out else torch.empty(0, 1)
+
+
+def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = True, **kwargs) -> np.ndarray:
+    """Positive-class probability (N,) in dataset order."""
+    return positive_prob(predict_logits(model, loader, device, amp, **kwargs)).numpy()
+
+
+def autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def evaluate_rows(model: nn.Module, loader, rows: pd.DataFrame, device: torch.device, amp: bool = True,
+                  threshold: float = 0.5, **kwargs) -> tuple[pd.DataFrame, dict]:
+    """Predict every row of `rows` (same order as the loader's dataset) → (predictions with `prob`, metrics)."""
+    pred = rows.assign(prob=predict_probs(model, loader, device, amp, **kwargs))
+    return pred, metrics.evaluate(pred, threshold)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fit
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    history: pd.DataFrame
+    stopped_early: bool
+
+
+def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.DataFrame, cfg: TrainConfig,
+        out_dir: str | Path, *, name: str = "", device: torch.device | None = None,
+        epoch_callback: Callable[[int, dict], None] | None = None) -> FitResult:
+    """Train `model` with `task` until `cfg.epochs` or early stopping; resume from `out_dir/state_last.pt` if present.
+
+    out_dir receives checkpoint_best.safetensors (+ .json), state_last.pt (+ .json) and history.csv; on return the
+    model holds the best inner-val weights. `epoch_callback(epoch, row)` is called after each epoch (Optuna uses it
+    for nothing today; benchmarks use it for timing). Raises TrainingError on a non-finite loss, keeping the last
+    good checkpoint.
+    """
+    out_dir = Path(out_dir)
+    device = device or resolve_device(cfg.device)
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    **({"momentum": 0.9} if cfg.optimizer == "sgd" else {}))
+    scheduler, _ = create_scheduler_v2(optimizer, sched="step" if cfg.scheduler == "step" else "cosine",
+                                       num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr,
+                                       warmup_lr=cfg.lr * 0.1, decay_epochs=cfg.step_epochs, decay_rate=0.1)
+    if cfg.scheduler == "none":
+        scheduler = None
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    train_model = model
+    if world_size() > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start_epoch, best_score, best_epoch, bad_epochs, history = 0, -math.inf, -1, 0, []
+    if (out_dir / LAST).exists():
+        try:
+            state = load_state(out_dir / LAST)
+            unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, best_score, best_epoch, bad_epochs = (state["epoch"] + 1, state["best_score"],
+                                                               state["best_epoch"], state["bad_epochs"])
+            history = [dict(zip(state["history_columns"], row)) for row in state["history"]]
+            log(f"{name}resumed after epoch {state['epoch']} from {out_dir / LAST}")
+        except CheckpointError as e:
+            log(f"warning: {e}; restarting {name.strip(': ') or 'training'} from scratch")
+            start_epoch, best_score, best_epoch, bad_epochs, history = 0, -math.inf, -1, 0, []
+    if scheduler is not None:
+        scheduler.step(start_epoch)
+
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs):
+        if bad_epochs >= cfg.patience:
+            stopped_early = True
+            break
+        t0 = time.perf_counter()
+        seed_everything(epoch_seed(cfg.seed, epoch))
+        set_epoch(train_loader, epoch, epoch_seed(cfg.seed + 1, epoch))
+        parts = train_one_epoch(train_model, task, train_loader, optimizer, scaler, cfg, device, epoch, name)
+        if scheduler is not None:
+            scheduler.step(epoch + 1)
+        _, result = evaluate_rows(model, val_loader, val_rows, device, cfg.amp, channels_last=cfg.channels_last)
+        score = metrics.monitor_value(result, cfg.monitor)
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch, bad_epochs = score, epoch, 0
+            if is_main():
+                save_weights(model, out_dir / BEST, {"epoch": epoch, cfg.monitor: score})
+        else:
+            bad_epochs += 1
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in parts.items()},
+               "val_study_kappa": result["study"]["kappa"], "val_study_auroc": result["study"]["auroc"],
+               "val_image_auroc": result["image"]["auroc"], "lr": optimizer.param_groups[0]["lr"],
+               "time_s": time.perf_counter() - t0, "best": improved}
+        history.append(row)
+        if is_main():
+            io.write_csv(out_dir / HISTORY, pd.DataFrame(history))
+            save_state(out_dir / LAST, {
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs, "history_columns": list(history[0]),
+                "history": [[r.get(c) for c in history[0]] for r in history], "torch_rng": torch.get_rng_state(),
+                "seed": cfg.seed})
+        log(f"{name}epoch {epoch + 1}/{cfg.epochs}  loss {parts['loss']:.4f}  "
+            f"val κ {row['val_study_kappa']:.3f} AUROC {row['val_study_auroc']:.3f}  "
+            f"lr {row['lr']:.2e}  {row['time_s']:.1f}s{'  *' if improved else ''}")
+        if epoch_callback is not None:
+            epoch_callback(epoch, row)
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if (out_dir / BEST).exists():
+        load_weights(model, out_dir / BEST)
+    return FitResult(best_epoch, best_score, pd.DataFrame(history), stopped_early)
+
+
+def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, scaler, cfg: TrainConfig,
+                    device: torch.device, epoch: int, name: str = "") -> dict[str, float]:
+    """One pass over `loader`; returns the mean of every loss part."""
+    model.train()
+    totals: dict[str, float] = {}
+    n = 0
+    bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}", leave=False, disable=not show_progress())
+    for batch in bar:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if cfg.channels_last and device.type == "cuda":
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.amp):
+            parts = task.losses(model, batch, epoch)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{name}epoch {epoch + 1}: loss became {loss.item()} (lr {cfg.lr:g} too high, or bad "
+                                "input?); stopped, the last good checkpoint is kept — lower --lr and rerun")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        bs = len(batch["image"])
+        n += bs
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + float(v.detach()) * bs
+        bar.set_postfix(loss=f"{totals['loss'] / n:.4f}")
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def set_epoch(loader, epoch: int, shuffle_seed: int) -> None:
+    """Per-epoch shuffle order, augmentation view and DistributedSampler epoch, all derived from (seed, epoch)."""
+    sampler = getattr(loader, "sampler", None)
+    for owner in (loader, sampler):  # RandomSampler draws the order from its own generator
+        if getattr(owner, "generator", None) is not None:
+            owner.generator.manual_seed(shuffle_seed)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
+def log(msg: str) -> None:
+    if is_main():
+        tqdm.write(msg, file=sys.stderr)

@@ -1,0 +1,113 @@
+"""Image- and study-level metrics (DESIGN §6), computed with sklearn.
+
+MURA's metric (Rajpurkar et al. 2017) is study-level: a study's probability is the mean of its images'
+probabilities, its prediction is `prob >= threshold`, and agreement with the radiologists' label is Cohen's κ.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+STUDY_METRICS = ("kappa", "auroc", "accuracy", "sensitivity", "specificity", "precision", "f1")
+"""Study-level metrics, in table order."""
+
+MONITORS = ("study_kappa", "study_auroc", "image_auroc")
+
+
+def binary_metrics(y_true, prob, threshold: float = 0.5) -> dict[str, float]:
+    """Cohen's κ, AUROC, accuracy, sensitivity (recall of 1), specificity (recall of 0), precision, F1.
+
+    Undefined values (AUROC with one class present, precision with no positive prediction) are NaN, not 0,
+    so they do not silently drag a mean down.
+    """
+    y_true = np.asarray(y_true, dtype=int)
+    prob = np.asarray(prob, dtype=float)
+    y_pred = (prob >= threshold).astype(int)
+    tn, fp, fn, tp = skm.confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    nan = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns on degenerate inputs; we return NaN instead
+        kappa = skm.cohen_kappa_score(y_true, y_pred, labels=[0, 1])
+    return {
+        "kappa": float(kappa) if np.isfinite(kappa) else nan,
+        "auroc": float(skm.roc_auc_score(y_true, prob)) if len(np.unique(y_true)) == 2 else nan,
+        "accuracy": float(skm.accuracy_score(y_true, y_pred)),
+        "sensitivity": float(skm.recall_score(y_true, y_pred, zero_division=np.nan)) if tp + fn else nan,
+        "specificity": float(tn / (tn + fp)) if tn + fp else nan,
+        "precision": float(skm.precision_score(y_true, y_pred, zero_division=np.nan)) if tp + fp else nan,
+        "f1": float(skm.f1_score(y_true, y_pred, zero_division=np.nan)) if tp + fp + fn else nan,
+    }
+
+
+def study_table(pred: pd.DataFrame) -> pd.DataFrame:
+    """Image predictions (study_id, body_part, label, prob[, patient_id]) → one row per study, prob = mean of images."""
+    keys = ["study_id", "body_part", "label"] + (["patient_id"] if "patient_id" in pred else [])
+    studies = pred.groupby(keys, sort=True, as_index=False).agg(prob=("prob", "mean"), n_images=("prob", "size"))
+    dup = studies["study_id"].duplicated(keep=False)
+    if dup.any():
+        raise ValueError(f"study {studies.loc[dup, 'study_id'].iloc[0]!r} has images with different labels or body parts")
+    return studies
+
+
+def evaluate(pred: pd.DataFrame, threshold: float = 0.5) -> dict:
+    """All metrics of DESIGN §6 from image-level predictions.
+
+    Returns {"n_images", "n_studies", "image": {"auroc"}, "study": {kappa, auroc, ...},
+             "per_body_part": {part: {n_studies, kappa, ...}}, "confusion": [[tn, fp], [fn, tp]]}.
+    """
+    studies = study_table(pred)
+    image_auroc = (float(skm.roc_auc_score(pred["label"], pred["prob"]))
+                   if pred["label"].nunique() == 2 else float("nan"))
+    y_pred = (studies["prob"] >= threshold).astype(int)
+    confusion = skm.confusion_matrix(studies["label"], y_pred, labels=[0, 1]).tolist()
+    per_part = {
+        part: {"n_studies": int(len(g)), **binary_metrics(g["label"], g["prob"], threshold)}
+        for part, g in studies.groupby("body_part", sort=True)
+    }
+    return {
+        "n_images": int(len(pred)),
+        "n_studies": int(len(studies)),
+        "threshold": threshold,
+        "image": {"auroc": image_auroc},
+        "study": binary_metrics(studies["label"], studies["prob"], threshold),
+        "per_body_part": per_part,
+        "confusion": confusion,
+    }
+
+
+def monitor_value(result: dict, monitor: str) -> float:
+    """Early-stopping scalar from an `evaluate()` result: study_kappa | study_auroc | image_auroc."""
+    level, name = monitor.split("_", 1)
+    if monitor not in MONITORS:
+        raise ValueError(f"unknown monitor {monitor!r}; choose one of {MONITORS}")
+    value = result[level][name]
+    return -math.inf if value is None or not np.isfinite(value) else float(value)
+
+
+def bootstrap_ci(pred: pd.DataFrame, n_resamples: int = 1000, seed: int = 0, threshold: float = 0.5,
+                 level: float = 0.95) -> dict[str, dict[str, float]]:
+    """Percentile bootstrap over studies: resample studies with replacement, recompute study-level metrics.
+
+    Returns {metric: {"value", "low", "high"}} for every study metric. Resamples with one class only give NaN
+    for AUROC and are skipped by nanpercentile.
+    """
+    studies = study_table(pred)
+    y = studies["label"].to_numpy(int)
+    p = studies["prob"].to_numpy(float)
+    rng = np.random.default_rng(seed)
+    draws = np.empty((n_resamples, len(STUDY_METRICS)))
+    for b in range(n_resamples):
+        idx = rng.integers(0, len(y), len(y))
+        m = binary_metrics(y[idx], p[idx], threshold)
+        draws[b] = [m[k] for k in STUDY_METRICS]
+    point = binary_metrics(y, p, threshold)
+    alpha = (1 - level) / 2 * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column → NaN bounds
+        low = np.nanpercentile(draws, alpha, axis=0)
+        high = np.nanpercentile(draws, 100 - alpha, axis=0)
+    return {k: {"value": point[k], "low": float(low[i]), "high": float(high[i])} for i, k in enumerate(STUDY_METRICS)}

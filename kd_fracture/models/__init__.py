@@ -1,0 +1,81 @@
+"""Model factory: teachers (any timm model) and students (registered hybrids or `timm:NAME` baselines).
+
+    create_model("resnet50", in_chans=3, pretrained="weights/resnet50_a1.safetensors", freeze="backbone")
+    create_model("hybrid_s", in_chans=1, img_size=128, depth=3)        # a registered student with an override
+    create_model("timm:mobilevit_xs", in_chans=1, img_size=128)        # a timm model as a student baseline
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from kd_fracture.errors import UserError
+from kd_fracture.models.student import (STUDENT_REGISTRY, TIMM_PREFIX, HybridConfig, HybridStudent, create_student,
+                                        is_student_name)
+from kd_fracture.models.teacher import FREEZE_MODES, classifier_names, create_teacher, freeze_backbone
+
+__all__ = [
+    "FREEZE_MODES", "STUDENT_REGISTRY", "HybridConfig", "HybridStudent", "classifier_param_names", "count_params",
+    "create_model", "create_student", "create_teacher", "grad_cam_target_layer", "is_student_name",
+]
+
+
+def create_model(name: str, *, num_classes: int = 1, in_chans: int = 3, img_size: int | None = None,
+                 pretrained: str | None = None, freeze: str = "none", drop_rate: float | None = None,
+                 **overrides: Any) -> nn.Module:
+    """Build a teacher or student by name.
+
+    name: a registered hybrid (`hybrid_t|hybrid_s|hybrid_m`, overrides = HybridConfig fields), `timm:NAME`
+    (a timm model used as a student baseline) or any timm model name (a teacher); for timm models the overrides
+    go to `timm.create_model` (e.g. drop_path_rate). drop_rate=None keeps the model's own default.
+    """
+    if name in STUDENT_REGISTRY:
+        if pretrained is not None:
+            raise UserError(f"--pretrained: student '{name}' starts from random init; "
+                            f"only timm models load weights files")
+        if freeze not in FREEZE_MODES:
+            raise UserError(f"--freeze '{freeze}' is not one of {', '.join(FREEZE_MODES)}")
+        if drop_rate is not None:
+            overrides["drop_rate"] = drop_rate
+        model = create_student(name, in_chans=in_chans, num_classes=num_classes, img_size=img_size, **overrides)
+        return freeze_backbone(model) if freeze == "backbone" else model
+    # `timm:NAME` is the same timm model as a teacher would be; the prefix only marks its role
+    timm_name = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    return create_teacher(timm_name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
+                          freeze=freeze, drop_rate=drop_rate, img_size=img_size, **overrides)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (only those with requires_grad when trainable_only)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def classifier_param_names(model: nn.Module) -> set[str]:
+    """Qualified names of the parameters of `model.get_classifier()` (e.g. {"fc.weight", "fc.bias"})."""
+    modules = classifier_names(model)
+    return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in modules}
+
+
+def grad_cam_target_layer(model: nn.Module) -> nn.Module:
+    """The layer whose (B, C, h, w) activations Grad-CAM weighs (Selvaraju et al. 2017).
+
+    HybridStudent: its last conv stage (the tokens after it are not spatial maps).
+    timm ResNet: `layer4[-1]`, the usual choice. Other timm models: the last `feature_info` module, else the
+    last Conv2d. Token models (ViT) also need a reshape_transform in the Grad-CAM call.
+    """
+    if isinstance(model, HybridStudent):
+        return model.grad_cam_layer()
+    layer4 = getattr(model, "layer4", None)
+    if isinstance(layer4, nn.Sequential) and len(layer4):
+        return layer4[-1]
+    feature_info = getattr(model, "feature_info", None)
+    if isinstance(feature_info, list) and feature_info and "module" in feature_info[-1]:
+        try:
+            return model.get_submodule(feature_info[-1]["module"])
+        except AttributeError:
+            pass  # some timm feature_info names are not module paths; fall back to the last conv
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no Conv2d layer for Grad-CAM")
+    return convs[-1]

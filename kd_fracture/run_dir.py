@@ -1,0 +1,130 @@
+"""The run directory is the interface between commands (DESIGN §8): everything a later command needs is in it."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from kd_fracture import io
+from kd_fracture.config import from_dict, read_yaml, to_dict
+from kd_fracture.errors import UserError
+
+T = TypeVar("T")
+
+# Keys that do not change results: a rerun may differ in them without invalidating finished folds.
+RUNTIME_KEYS = {"data.num_workers", "data.verify_images", "data.regenerate_folds", "data.cache_images",
+                "train.device", "train.threads", "train.eval_batch_size", "run_dir", "data.phantom.cache_dir",
+                "search.n_trials", "search.timeout", "search.storage", "sweep"}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    config = property(lambda self: self.path / "config.yaml")
+    env = property(lambda self: self.path / "env.json")
+    folds = property(lambda self: self.path / "folds.csv")
+    holdout = property(lambda self: self.path / "holdout")
+    tables = property(lambda self: self.path / "tables")
+    plots = property(lambda self: self.path / "plots")
+    summary = property(lambda self: self.path / "summary.md")
+
+    def fold(self, k: int | str) -> Path:
+        return self.path / (f"fold_{k}" if isinstance(k, int) else str(k))
+
+    def is_done(self, k: int | str) -> bool:
+        return (self.fold(k) / "DONE").exists()
+
+    def mark_done(self, k: int | str, info: dict | None = None) -> None:
+        io.write_json(self.fold(k) / "DONE", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})})
+
+    def saved_config(self, cls: type[T]) -> T | None:
+        return from_dict(cls, read_yaml(self.config), str(self.config)) if self.config.exists() else None
+
+    def check_compatible(self, cfg: Any) -> None:
+        """A rerun must use the settings the finished folds were trained with (runtime-only keys excepted)."""
+        saved = read_yaml(self.config) if self.config.exists() else None
+        if saved is None:
+            return
+        diffs = [k for k in sorted(set(_flatten(saved)) | set(_flatten(to_dict(cfg))))
+                 if not _is_runtime(k) and _flatten(saved).get(k) != _flatten(to_dict(cfg)).get(k)]
+        if diffs:
+            k = diffs[0]
+            raise UserError(f"{self.config}: this run was made with {k}={_flatten(saved).get(k)!r}, now "
+                            f"{_flatten(to_dict(cfg)).get(k)!r}; use the same settings to resume, or a new --run-dir")
+
+    def write_config(self, cfg: Any) -> None:
+        io.write_yaml(self.config, to_dict(cfg))
+
+    def write_env(self, seed: int, device: str, extra: dict | None = None) -> None:
+        io.write_json(self.env, environment(seed, device) | (extra or {}))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k not in ("space", "overrides", "sweep"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+    return out
+
+
+def _is_runtime(key: str) -> bool:
+    return key in RUNTIME_KEYS or any(key.startswith(r + ".") for r in RUNTIME_KEYS)
+
+
+def environment(seed: int, device: str) -> dict:
+    """Versions, git sha, device, seed and command line: what is needed to reproduce a run."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("kd_fracture", "torch", "torchvision", "timm", "albumentations", "scikit-learn", "optuna", "numpy",
+                "pandas", "safetensors", "opencv-python-headless"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "command": " ".join([Path(sys.executable).name, "-m", *sys.argv]) if sys.argv else None,
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seed": seed,
+        "device": device,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "git_sha": git_sha(),
+        "versions": versions,
+    }
+
+
+def git_sha() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+
+
+def dump_yaml(obj: Any) -> str:
+    return yaml.safe_dump(obj, sort_keys=False)

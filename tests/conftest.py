@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny synthetic phantoms built in a temporary directory (never `runs/` or the user cache)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched from a hub
+os.environ.setdefault("KD_FRACTURE_PROGRESS", "0")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory):
+    """A MURA-v1.1-layout phantom of 40 patients at 32 px (≈ 200 images); returns the data root."""
+    from kd_fracture.data.synthetic import generate_phantom
+
+    return generate_phantom(tmp_path_factory.mktemp("phantom") / "tiny_phantom", patients=40, size=32, seed=0)
+
+
+@pytest.fixture
+def tiny_cv_overrides(tiny_phantom, tmp_path):
+    """Config overrides for a 2-fold × 1-epoch teacher run on the tiny phantom with a small timm model."""
+    return {
+        "run_dir": str(tmp_path / "run"),
+        "data.root": str(tiny_phantom),
+        "data.folds": 2,
+        "data.img_size": 32,
+        "data.manifests_dir": str(tmp_path / "manifests"),
+        "data.inner_val_frac": 0.2,
+        "model.name": "resnet10t",
+        "train.epochs": 1,
+        "train.batch_size": 16,
+        "train.warmup_epochs": 0,
+        "eval.bootstrap": 50,
+    }

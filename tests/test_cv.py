@@ -1,0 +1,107 @@
+"""End to end: a 2-fold × 1-epoch teacher CV run produces the documented tree, tables and resumes."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from kd_fracture import cv, engine
+from kd_fracture.config import CVConfig, load_config
+
+DOCUMENTED = [
+    "config.yaml", "env.json", "folds.csv",
+    *[f"fold_{k}/{f}" for k in (0, 1) for f in ("checkpoint_best.safetensors", "state_last.pt", "history.csv",
+                                                  "oof_predictions.csv", "metrics.json", "DONE")],
+    "holdout/predictions.csv", "holdout/metrics.json",
+    *[f"tables/{t}.{ext}" for t in ("cv_folds", "holdout", "per_body_part") for ext in ("csv", "md", "tex")],
+    "plots/roc.png", "plots/confusion.png", "plots/curves.png", "summary.md",
+]
+
+
+def cli_args(overrides: dict) -> list[str]:
+    return [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+
+
+def test_two_fold_run_produces_documented_tree(tiny_cv_overrides, tmp_path, capsys):
+    rc = cv.main(cli_args(tiny_cv_overrides))
+    assert rc == 0
+    run = tmp_path / "run"
+    missing = [f for f in DOCUMENTED if not (run / f).exists()]
+    assert not missing, missing
+    table = pd.read_csv(run / "tables" / "cv_folds.csv")
+    assert table["fold"].astype(str).tolist() == ["0", "1", "mean", "std"]
+    assert table.loc[2, "kappa"] == pytest.approx(table.loc[:1, "kappa"].mean())
+    assert table.loc[3, "kappa"] == pytest.approx(table.loc[:1, "kappa"].std(ddof=1))
+    assert "mean" in (run / "tables" / "cv_folds.md").read_text()
+    assert "\\begin{tabular}" in (run / "tables" / "cv_folds.tex").read_text()
+    holdout = json.loads((run / "holdout" / "metrics.json").read_text())["fold_ensemble"]
+    ci = holdout["ci95"]["kappa"]
+    assert ci["low"] <= ci["value"] <= ci["high"]
+    # every pool study is scored exactly once across folds
+    oof = pd.concat([pd.read_csv(run / f"fold_{k}" / "oof_predictions.csv") for k in (0, 1)])
+    folds = pd.read_csv(run / "folds.csv")
+    assert sorted(oof["study_id"].unique()) == sorted(folds["study_id"])
+    pred = pd.read_csv(run / "holdout" / "predictions.csv")
+    assert pred["prob"].to_numpy() == pytest.approx(pred[["prob_fold0", "prob_fold1"]].mean(axis=1).to_numpy())
+    assert "| fold" in capsys.readouterr().out  # per-fold Markdown table printed at the end
+
+
+def test_rerun_skips_done_folds_and_aggregate_only(tiny_cv_overrides, tmp_path, monkeypatch):
+    assert cv.main(cli_args(tiny_cv_overrides)) == 0
+    run = tmp_path / "run"
+    before = (run / "fold_0" / "checkpoint_best.safetensors").stat().st_mtime_ns
+    calls = []
+    monkeypatch.setattr(engine, "fit", lambda *a, **k: calls.append(1))
+    assert cv.main(cli_args(tiny_cv_overrides)) == 0
+    assert not calls and (run / "fold_0" / "checkpoint_best.safetensors").stat().st_mtime_ns == before
+    assert cv.main(["--run-dir", str(run), "--aggregate"]) == 0  # config comes from the run dir
+
+
+def test_aggregate_names_missing_folds(tiny_cv_overrides, tmp_path, capsys):
+    assert cv.main(cli_args(tiny_cv_overrides) + ["--fold", "0"]) == 0
+    run = tmp_path / "run"
+    assert (run / "fold_0" / "DONE").exists() and not (run / "fold_1").exists()
+    assert not (run / "tables").exists()
+    assert cv.main(["--run-dir", str(run), "--aggregate"]) == 2
+    assert "fold(s) [1] are not finished" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_cv_overrides, tmp_path, monkeypatch):
+    over = dict(tiny_cv_overrides, **{"train.epochs": 2, "train.patience": 5, "data.folds": 2})
+    full = dict(over, run_dir=str(tmp_path / "full"))
+    assert cv.main(cli_args(full) + ["--fold", "0"]) == 0
+
+    real = engine.train_one_epoch
+    seen = []
+
+    def crash_on_second_epoch(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # simulated Ctrl-C / kill after the first epoch's checkpoint
+        return real(*args, **kwargs)
+
+    interrupted = dict(over, run_dir=str(tmp_path / "resumed"))
+    monkeypatch.setattr(engine, "train_one_epoch", crash_on_second_epoch)
+    assert cv.main(cli_args(interrupted) + ["--fold", "0"]) == 130
+    fold = tmp_path / "resumed" / "fold_0"
+    assert (fold / "state_last.pt").exists() and not (fold / "DONE").exists()
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    assert cv.main(cli_args(interrupted) + ["--fold", "0"]) == 0
+    a = json.loads((tmp_path / "full" / "fold_0" / "metrics.json").read_text())
+    b = json.loads((fold / "metrics.json").read_text())
+    assert a == b
+    assert len(pd.read_csv(fold / "history.csv")) == 2
+
+
+def test_conflicting_rerun_is_refused(tiny_cv_overrides, tmp_path, capsys):
+    assert cv.main(cli_args(tiny_cv_overrides) + ["--fold", "0"]) == 0
+    rc = cv.main(cli_args(dict(tiny_cv_overrides, **{"train.lr": 0.5})) + ["--fold", "1"])
+    assert rc == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_saved_config_roundtrips(tiny_cv_overrides, tmp_path):
+    assert cv.main(cli_args(tiny_cv_overrides) + ["--fold", "0"]) == 0
+    cfg = load_config(CVConfig, tmp_path / "run" / "config.yaml")
+    assert cfg.data.folds == 2 and cfg.model.name == "resnet10t"
