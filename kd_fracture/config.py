@@ -7,6 +7,7 @@ keys and values of the wrong type are `ConfigError`s naming the file and key. Th
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -153,26 +154,47 @@ class KDConfig:
     """views (cached, replayed) | none (teacher runs online every step)."""
 
 
+DEFAULT_SEARCH_SPACE: dict = {
+    "kd.temperature": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
+    "kd.alpha": {"type": "float", "low": 0.0, "high": 1.0},
+    "train.lr": {"type": "float", "low": 5.0e-4, "high": 5.0e-3, "log": True},
+    "train.weight_decay": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True},
+    "student.overrides.depth": {"type": "categorical", "choices": [1, 2, 3]},
+    "student.overrides.embed_dim": {"type": "categorical", "choices": [96, 128, 192]},
+}
+"""The distillation search space of studies/distill_hybrid.yaml (kept equal to it by tests/test_config.py)."""
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     study: str = "distill_hybrid"
     storage: str | None = None
     """null → sqlite:///studies/<study>.db; postgresql://…, mysql://…, journal:PATH."""
     n_trials: int = 8
+    """Target number of finished (complete + pruned) trials in the study; a rerun or another worker adds only the
+    missing ones, so raise it to search further."""
     timeout: float | None = None
     """Seconds for the search (Optuna's timeout)."""
     sampler_seed: int = 0
     pruner: str = "median"
     """median | wilcoxon | none."""
     metric: str = "study_kappa"
+    """Objective: mean over the search folds of this scored-fold metric (study_<kappa|auroc|f1|…> or image_auroc)."""
     n_startup_trials: int = 2
     """Median pruner: trials completed before pruning starts."""
     folds: int | None = None
     """Folds used inside the search (null = all); final students always train on every fold."""
     epochs: int | None = None
     """Epochs per fold inside the search (null = train.epochs)."""
-    space: dict = field(default_factory=dict)
-    """Parameter → {type: float|int|categorical, low, high, log, choices}; keys are kd.* / train.* / student.* paths."""
+    heartbeat_interval: int = 60
+    """RDB storages (sqlite, postgresql, mysql): seconds between a running trial's heartbeats."""
+    grace_period: int | None = None
+    """Seconds without a heartbeat after which a trial counts as dead and is retried (null = 2 × heartbeat)."""
+    max_retry: int = 1
+    """How often a dead (stale-heartbeat) trial is re-enqueued with the same parameters."""
+    space: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_SEARCH_SPACE))
+    """Parameter → {type: float|int|categorical, low, high, log, step, choices}; keys are kd.* / train.* /
+    student.* paths (student.overrides.NAME for HybridConfig fields)."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +209,10 @@ class DistillConfig:
     baselines: tuple = ("no_kd", "timm:mobilevit_xxs")
     """Extra rows of the comparison table: no_kd = same student with alpha=0; timm:NAME = timm model with KD."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    latency_threads: int = 1
+    """torch CPU threads while timing batch-1 latency (fixed, so rows are comparable across machines' loads)."""
+    onnx: bool = True
+    """Export the KD student's fold ensemble to student.onnx (checked against torch when onnxruntime is installed)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,8 +228,20 @@ def from_dict(cls: type[T], raw: Mapping[str, Any] | None, source: str = "config
         where = f"{prefix}{unknown[0]}"
         raise ConfigError(f"{source}: unknown key '{where}' (known: {', '.join(prefix + k for k in known)})")
     hints = typing.get_type_hints(cls)
+    for name, value in raw.items():
+        # a partial section ({"student": {"name": "hybrid_t"}}) overrides the field's own default instance (e.g.
+        # DistillConfig.student has in_chans=1), not the bare section class's defaults
+        default = _default_instance(known[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            raw[name] = merge(to_dict(default), value)
     kwargs = {name: _coerce(hints[name], value, source, prefix + name) for name, value in raw.items()}
     return cls(**kwargs)
+
+
+def _default_instance(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:

@@ -208,24 +208,36 @@ def aggregate(cfg: CVConfig, manifest: Manifest, run: RunDir, device: torch.devi
     holdout_results: dict[str, tuple[dict, dict]] = {}
     pred = ensemble_predict(cfg, run, hold, manifest, device, cache)
     io.write_csv(run.holdout / "predictions.csv", pred)
-    holdout_results["fold_ensemble"] = (metrics.evaluate(pred, cfg.eval.threshold),
-                                        metrics.bootstrap_ci(pred, cfg.eval.bootstrap, cfg.train.seed,
-                                                             cfg.eval.threshold))
+    holdout_results["fold_ensemble"] = score(cfg, pred)
     if run.is_done("refit"):
         refit_pred = ensemble_predict(cfg, run, hold, manifest, device, cache, members=["refit"])
         io.write_csv(run.holdout / "predictions_refit.csv", refit_pred)
-        holdout_results["refit"] = (metrics.evaluate(refit_pred, cfg.eval.threshold),
-                                    metrics.bootstrap_ci(refit_pred, cfg.eval.bootstrap, cfg.train.seed,
-                                                         cfg.eval.threshold))
+        holdout_results["refit"] = score(cfg, refit_pred)
     io.write_json(run.holdout / "metrics.json",
                   {name: {**res, "ci95": ci} for name, (res, ci) in holdout_results.items()})
     write_reports(cfg, run, fold_results, oof, histories, pred, holdout_results)
 
 
-def write_reports(cfg: CVConfig, run: RunDir, fold_results: dict, oof: dict, histories: dict,
-                  holdout_pred: pd.DataFrame, holdout_results: dict) -> None:
+def score(cfg: CVConfig, pred: pd.DataFrame) -> tuple[dict, dict]:
+    """(metrics.evaluate result, 95% bootstrap CIs over studies) of image predictions, with the run's eval settings."""
+    return (metrics.evaluate(pred, cfg.eval.threshold),
+            metrics.bootstrap_ci(pred, cfg.eval.bootstrap, cfg.train.seed, cfg.eval.threshold))
+
+
+def write_classification_report(pred: pd.DataFrame, threshold: float, out_dir: Path) -> list[Path]:
+    """sklearn's study-level classification_report → out_dir/classification_report.{txt,csv}."""
     from sklearn.metrics import classification_report
 
+    studies = metrics.study_table(pred)
+    report_args = dict(y_true=studies["label"], y_pred=(studies["prob"] >= threshold).astype(int),
+                       labels=[0, 1], target_names=["normal", "abnormal"], zero_division=0)
+    report = pd.DataFrame(classification_report(**report_args, output_dict=True)).T.reset_index(names="class")
+    return [io.write_text(out_dir / "classification_report.txt", classification_report(**report_args, digits=3)),
+            io.write_csv(out_dir / "classification_report.csv", report)]
+
+
+def write_reports(cfg: CVConfig, run: RunDir, fold_results: dict, oof: dict, histories: dict,
+                  holdout_pred: pd.DataFrame, holdout_results: dict) -> None:
     pooled = metrics.evaluate(pd.concat(oof.values(), ignore_index=True), cfg.eval.threshold)
     ensemble = holdout_results["fold_ensemble"][0]
     cv_table = reporting.cv_fold_table(fold_results)
@@ -235,12 +247,7 @@ def write_reports(cfg: CVConfig, run: RunDir, fold_results: dict, oof: dict, his
                                      "Holdout study-level metrics with 95% bootstrap CI")
     written += reporting.write_table(reporting.per_body_part_table({"holdout": ensemble, "cv_pooled_oof": pooled}),
                                      run.tables / "per_body_part", "Study-level metrics per body part")
-    studies = metrics.study_table(holdout_pred)
-    report_args = dict(y_true=studies["label"], y_pred=(studies["prob"] >= cfg.eval.threshold).astype(int),
-                       labels=[0, 1], target_names=["normal", "abnormal"], zero_division=0)
-    io.write_text(run.holdout / "classification_report.txt", classification_report(**report_args, digits=3))
-    io.write_csv(run.holdout / "classification_report.csv",
-                 pd.DataFrame(classification_report(**report_args, output_dict=True)).T.reset_index(names="class"))
+    written += write_classification_report(holdout_pred, cfg.eval.threshold, run.holdout)
     written += [reporting.plot_roc(oof, holdout_pred, run.plots / "roc.png"),
                 reporting.plot_confusion({"CV pooled OOF": pooled["confusion"], "holdout ensemble": ensemble["confusion"]},
                                          run.plots / "confusion.png"),

@@ -87,3 +87,15 @@ def test_bootstrap_ci_brackets_point_and_is_seeded(preds):
     for m, v in a.items():
         if np.isfinite(v["value"]):
             assert v["low"] <= v["value"] + 1e-9 and v["value"] <= v["high"] + 1e-9, m
+
+
+def test_fast_batch_metrics_equal_sklearn_path():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (50, 40))
+    y[0] = 1  # one class only: AUROC, specificity undefined
+    p = np.round(rng.random((50, 40)), 1)  # rounding creates ties
+    fast = metrics.fast_binary_metrics(y, p)
+    for b in range(50):
+        ref = metrics.binary_metrics(y[b], p[b])
+        for k, v in ref.items():
+            assert (math.isnan(v) and math.isnan(fast[k][b])) or fast[k][b] == pytest.approx(v), (b, k)

@@ -11,6 +11,10 @@ from kd_fracture.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 cv2.setNumThreads(0)  # the DataLoader parallelises; OpenCV's own pool only oversubscribes 2 cores
+try:  # a truncated file is reported by our DataError; OpenCV's own "[ WARN ] …" line is noise
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+except AttributeError:
+    pass
 
 
 def read_grayscale(path: str | Path) -> np.ndarray:

@@ -1,0 +1,160 @@
+"""`python -m kd_fracture.evaluate --run runs/NAME --data ROOT`: judge a run's models on another dataset.
+
+The data source is any the project reads (MURA v1.1 CSVs, the folder layout, a synthetic phantom tree); the
+models, image size and eval transform come from the run directory. By default every image of the dataset is
+scored — its CV pool and its holdout split alike, since none of it was seen in training when the dataset is a
+different one (`--split holdout|train` narrows that). Output, by default in `runs/NAME/evaluate/<dataset>/`, has
+the holdout's shape (DESIGN §6, §8):
+
+    predictions.csv  metrics.json  classification_report.{txt,csv}  summary.md
+    tables/  metrics.{csv,md,tex} (study-level, 95% bootstrap CI)  per_body_part.*  members.* (each fold model)
+    plots/   roc.png  confusion.png  sample_predictions.png  gradcam_examples.png
+
+    python -m kd_fracture.evaluate --run runs/teacher_resnet50 --data /data/MURA
+    python -m kd_fracture.evaluate --run runs/teacher_resnet50 --model student --data /data/fractures --split holdout
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kd_fracture import cv, engine, io, metrics, reporting
+from kd_fracture.config import replace
+from kd_fracture.data.loaders import SharedCache
+from kd_fracture.data.manifest import SPLITS, Manifest, load_manifest
+from kd_fracture.errors import UserError, cli_main
+from kd_fracture.predict import RunModels, add_model_args, models_from_args
+
+SPLIT_CHOICES = (*SPLITS, "all")
+
+
+def select_rows(manifest: Manifest, split: str) -> pd.DataFrame:
+    if split not in SPLIT_CHOICES:
+        raise UserError(f"--split {split}: choose one of {', '.join(SPLIT_CHOICES)}")
+    rows = manifest.df if split == "all" else manifest.split(split)
+    if rows.empty:
+        raise UserError(f"{manifest.root}: the {split} split has no images; choose another --split")
+    return rows.reset_index(drop=True)
+
+
+def default_out(run_path: str | Path, dataset: str, split: str, models: RunModels) -> Path:
+    """runs/NAME/evaluate/<dataset>[_<split>][_student][_fold<k>]/ (the plain name for the default teacher run)."""
+    name = dataset + ("" if split == "all" else f"_{split}") + ("" if models.role == "teacher" else f"_{models.role}")
+    if len(models.members) == 1:
+        name += f"_fold{models.members[0]}"
+    return Path(run_path) / "evaluate" / name
+
+
+def evaluate_dataset(models: RunModels, manifest: Manifest, split: str, out: Path, device: torch.device,
+                     run_sha256: str | None = None) -> dict:
+    """Score `models` on the `split` rows of `manifest` and write the holdout-shaped report into `out`.
+
+    Returns the metrics.json content. `run_sha256` is the manifest hash of the data the run trained on (env.json);
+    when it equals this manifest's, the CV pool images were training images and a warning says so.
+    """
+    cfg = models.cfg
+    rows = select_rows(manifest, split)
+    scope = {"all": "all images (CV pool + holdout splits)", "train": "the CV pool split",
+             "holdout": "the holdout split"}[split]
+    narrow = "; --split holdout|train narrows this" if split == "all" else ""
+    engine.log(f"{models.description}: scoring {scope} of dataset '{manifest.name}' — {len(rows)} images, "
+               f"{rows['study_id'].nunique()} studies{narrow}")
+    if run_sha256 == manifest.sha256() and split != "holdout":
+        engine.log(f"warning: '{manifest.name}' is the dataset this run was trained on; its CV-pool images were "
+                   "training images, so these scores are optimistic — use --split holdout")
+
+    pred = models.predict(rows, manifest, device, SharedCache(manifest.root, cfg.data.img_size, cfg.data.cache_images))
+    name = "fold_ensemble" if len(models.members) > 1 else f"fold_{models.members[0]}"
+    result, ci = cv.score(cfg, pred)
+    member_pred = {k: pred.assign(prob=pred[f"prob_fold{k}"]) for k in models.members}
+    member_results = {k: metrics.evaluate(p, cfg.eval.threshold) for k, p in member_pred.items()}
+    report = {"run": str(models.run.path), "model": models.description, "dataset": manifest.name,
+              "data_root": str(manifest.root), "source": manifest.source, "split": split,
+              "manifest_sha256": manifest.sha256(), name: {**result, "ci95": ci},
+              "members": {str(k): r for k, r in member_results.items()}}
+
+    io.write_csv(out / "predictions.csv", pred)
+    io.write_json(out / "metrics.json", report)
+    written = cv.write_classification_report(pred, cfg.eval.threshold, out)
+    written += reporting.write_table(reporting.holdout_table({name: (result, ci)}), out / "tables" / "metrics",
+                                     f"{manifest.name}: study-level metrics with 95% bootstrap CI")
+    written += reporting.write_table(reporting.per_body_part_table({manifest.name: result}),
+                                     out / "tables" / "per_body_part", "Study-level metrics per body part")
+    members_table = reporting.cv_fold_table(member_results)
+    written += reporting.write_table(members_table, out / "tables" / "members",
+                                     f"{manifest.name}: each fold model alone")
+    written += [reporting.plot_roc(member_pred if len(member_pred) > 1 else {}, pred, out / "plots" / "roc.png"),
+                reporting.plot_confusion({f"{manifest.name} ({name})": result["confusion"]},
+                                         out / "plots" / "confusion.png")]
+    from kd_fracture.explain import example_plots  # Grad-CAM needs the optional grad-cam package
+
+    written += example_plots(models, pred, manifest.root, out / "plots", device)
+    write_summary(out, report, name, members_table, written)
+    return report
+
+
+def write_summary(out: Path, report: dict, name: str, members_table: pd.DataFrame, written: list[Path]) -> Path:
+    res, ci = report[name], report[name]["ci95"]
+    per_part = reporting.per_body_part_table({report["dataset"]: res}).drop(columns="evaluation")
+    text = "\n".join([
+        f"# {report['model']} on '{report['dataset']}' "
+        f"({'all splits' if report['split'] == 'all' else report['split'] + ' split'})",
+        "",
+        f"Data: `{report['data_root']}` ({report['source']}), {res['n_images']} images, {res['n_studies']} studies. "
+        f"Run: `{report['run']}`.",
+        "",
+        f"**Study κ {reporting.ci_text(ci['kappa']['value'], ci['kappa']['low'], ci['kappa']['high'])}**, "
+        f"study AUROC {reporting.ci_text(ci['auroc']['value'], ci['auroc']['low'], ci['auroc']['high'])} "
+        f"(95% bootstrap CI over studies); image AUROC {res['image']['auroc']:.3f}.",
+        "",
+        "## Per body part", "", per_part.round(3).to_markdown(index=False), "",
+        "## Each fold model alone", "", members_table.round(3).to_markdown(index=False), "",
+        "## Files", "", reporting.markdown_link_list(out, written), "",
+    ])
+    return io.write_text(out / "summary.md", text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kd_fracture.evaluate", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--data", required=True, metavar="ROOT", help="MURA root (or MURA-v1.1/) or folder-layout root")
+    p.add_argument("--split", choices=SPLIT_CHOICES, default="all",
+                   help="which of the dataset's splits to score (train = its CV pool; default: all)")
+    p.add_argument("--name", help="dataset name (default: sanitised basename of ROOT)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: RUN_DIR/evaluate/<dataset>/)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples for the CIs (default: the run's eval.bootstrap)")
+    p.add_argument("--verify-images", action="store_true", help="decode every image up front")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers (default: the run's)")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    models, device = models_from_args(args, num_workers=args.num_workers)
+    if args.bootstrap is not None:
+        models = dataclasses.replace(models, cfg=replace(models.cfg, **{"eval.bootstrap": args.bootstrap}))
+    with warnings.catch_warnings(record=True) as caught:  # one-line warnings, not Python's file:line form
+        warnings.simplefilter("always")
+        manifest = load_manifest(args.data, verify_images=args.verify_images, name=args.name)
+    for w in caught:
+        engine.log(f"warning: {w.message}")
+    out = args.out or default_out(args.run, manifest.name, args.split, models)
+    env = Path(args.run) / "env.json"
+    run_sha = io.read_json(env).get("manifest_sha256") if env.is_file() else None
+    report = evaluate_dataset(models, manifest, args.split, out, device, run_sha)
+    name = next(k for k in report if k.startswith("fold_"))
+    kappa = report[name]["ci95"]["kappa"]
+    print((out / "tables" / "metrics.md").read_text())
+    print(f"{report['dataset']}: study κ {reporting.ci_text(kappa['value'], kappa['low'], kappa['high'])} "
+          f"({report[name]['n_studies']} studies) — wrote {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,437 @@
+"""Optuna search over the distillation hyper-parameters (DESIGN §9; optuna-examples' suggest → train → report → prune).
+
+    space = parse_space(cfg.search.space, cfg)                        # from studies/distill_hybrid.yaml
+    study = open_study(cfg.search, fingerprint={...})                  # sqlite:///studies/<study>.db, load_if_exists
+    objective = make_objective(space, folds=[0, 1, 2], score_fold=train_and_score, report="running_mean")
+    run_search(study, objective, cfg.search)                           # until the study holds n_trials finished trials
+
+The objective trains one student per fold, scores that fold once, and reports after every fold so a pruner can stop
+a weak trial early: MedianPruner (Optuna's default, Golovin et al. 2017) compares the running mean with the median of
+earlier trials at the same step; WilcoxonPruner (Optuna ≥ 3.6) runs a signed-rank test of the per-fold values against
+the best trial's, so it is given the per-fold value at step = fold, not the running mean. The objective value is the
+mean over folds either way (what Wilcoxon assumes).
+
+Storage: `sqlite:///studies/<study>.db` by default; `postgresql://…` / `mysql://…` / `sqlite:///…` become an
+`RDBStorage` with heartbeats, so a trial whose worker died is failed after the grace period and re-enqueued once with
+the same parameters (`RetryHeartbeatStaleTrialCallback`, successor of `RetryFailedTrialCallback`); `journal:PATH` is a
+`JournalStorage` over a lock-protected append-only file (several processes on one machine or NFS, no database).
+Every process on the same storage and study name cooperates: TPE sees all finished trials, and each stops once the
+study holds `n_trials` finished (complete + pruned) trials.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from kd_fracture import io
+from kd_fracture.config import DistillConfig, SearchConfig, replace, to_dict
+from kd_fracture.errors import ConfigError, UserError
+
+__all__ = ["Param", "apply_params", "best_params", "make_objective", "make_pruner", "make_sampler", "make_storage",
+           "check_metric", "metric_value", "open_study", "parse_space", "run_search", "storage_url", "suggest", "write_outputs"]
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+PARAM_TYPES = ("float", "int", "categorical")
+SPEC_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
+             "categorical": {"type", "choices"}}
+SEARCHABLE_SECTIONS = ("kd", "train", "student")
+NOT_SEARCHABLE = {
+    # changing these would change the cached teacher logits, the folds or where/how a trial runs, not the student
+    "kd.views", "kd.teacher_cache", "train.epochs", "train.seed", "train.device", "train.threads", "train.amp",
+    "train.eval_batch_size", "train.monitor", "train.mixup", "train.cutmix", "student.name", "student.in_chans",
+    "student.num_classes", "student.pretrained",
+}
+PRUNERS = ("median", "wilcoxon", "none")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# search space
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable config key, e.g. Param("kd.temperature", "float", low=1, high=10, log=True)."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple | None = None
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+    def examples(self) -> list:
+        """Values that must be valid config values: both bounds, or every choice."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+
+def parse_space(space: Mapping[str, Any], cfg: DistillConfig | None = None,
+                source: str = "search.space") -> dict[str, Param]:
+    """Validate a search space (`{dotted.key: {type, low, high, log, step | choices}}`) → {key: Param}.
+
+    With `cfg`, every key must name a config value the distillation can vary (kd.* / train.* / student.* or
+    student.overrides.NAME for a registered hybrid's HybridConfig field), and every bound or choice must be a valid
+    value for it. Errors are ConfigErrors naming the key.
+    """
+    if not isinstance(space, Mapping) or not space:
+        raise ConfigError(f"{source}: the search space is empty; give at least one parameter, e.g. "
+                          "kd.temperature: {type: float, low: 1.0, high: 10.0, log: true}")
+    out = {}
+    for name, spec in space.items():
+        where = f"{source}.{name}"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where}: must be a mapping like {{type: float, low: 0.0, high: 1.0}}, got {spec!r}")
+        kind = spec.get("type")
+        if kind not in PARAM_TYPES:
+            raise ConfigError(f"{where}: type {kind!r} is not one of {', '.join(PARAM_TYPES)}")
+        unknown = sorted(set(spec) - SPEC_KEYS[kind])
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} for type {kind}; valid: {sorted(SPEC_KEYS[kind])}")
+        out[name] = _param(name, kind, spec, where)
+        if cfg is not None:
+            _check_path(out[name], cfg, where)
+    return out
+
+
+def _param(name: str, kind: str, spec: Mapping, where: str) -> Param:
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, (list, tuple)) or not choices:
+            raise ConfigError(f"{where}: categorical needs a non-empty list 'choices'")
+        if not all(c is None or isinstance(c, (bool, int, float, str)) for c in choices):
+            raise ConfigError(f"{where}: choices must be scalars (Optuna stores them), got {list(choices)!r}")
+        return Param(name, kind, choices=tuple(choices))
+    try:
+        # YAML 1.1 reads 3e-4 (no dot) as a string: accept it like the config loader does
+        low, high = float(spec["low"]), float(spec["high"])
+        step = None if spec.get("step") is None else float(spec["step"])
+    except KeyError as e:
+        raise ConfigError(f"{where}: {kind} needs 'low' and 'high'; missing {e.args[0]!r}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: low/high/step must be numbers, got {dict(spec)!r}") from None
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where}: log must be true or false, got {log!r}")
+    if not low < high:
+        raise ConfigError(f"{where}: need low < high, got low={low:g} high={high:g}")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: a log-uniform range needs low > 0, got {low:g}")
+    if log and step is not None:
+        raise ConfigError(f"{where}: Optuna cannot combine log: true with a step")
+    if kind == "int" and not all(float(v).is_integer() for v in (low, high, step or 1)):
+        raise ConfigError(f"{where}: int bounds and step must be whole numbers, got {dict(spec)!r}")
+    return Param(name, kind, low=low, high=high, log=log, step=step)
+
+
+def _check_path(param: Param, cfg: DistillConfig, where: str) -> None:
+    name = param.name
+    section = name.split(".", 1)[0]
+    if section not in SEARCHABLE_SECTIONS or "." not in name:
+        raise ConfigError(f"{where}: only kd.*, train.* and student.* keys can be searched")
+    if name in NOT_SEARCHABLE:
+        raise ConfigError(f"{where}: '{name}' cannot be searched (it changes the cached teacher logits, the data or "
+                          "the run, not the student); set it with --set instead")
+    if name.startswith("student.overrides."):
+        from kd_fracture.models.student import STUDENT_REGISTRY, hybrid_config
+
+        field_name = name[len("student.overrides."):]
+        if cfg.student.name not in STUDENT_REGISTRY:
+            raise ConfigError(f"{where}: student '{cfg.student.name}' is not a registered hybrid; architecture "
+                              "overrides can only be searched for hybrid_t|hybrid_s|hybrid_m")
+        for value in param.examples():
+            try:
+                hybrid_config(cfg.student.name, **{**cfg.student.overrides, field_name: value})
+            except UserError as e:
+                raise ConfigError(f"{where}: value {value!r} is invalid ({e})") from None
+        return
+    tree = to_dict(cfg)
+    node: Any = tree
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{where}: '{name}' is not a config key of the distillation")
+        node = node[part]
+    if isinstance(node, dict):
+        raise ConfigError(f"{where}: '{name}' is a section, not a value")
+    for value in param.examples():
+        replace(cfg, **{name: int(value) if param.type == "int" else value})  # wrong type → ConfigError
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, Param]) -> dict[str, Any]:
+    """One value per parameter, in the space's order (the order is part of a seeded TPE run)."""
+    return {name: p.suggest(trial) for name, p in space.items()}
+
+
+def apply_params(cfg: DistillConfig, params: Mapping[str, Any]) -> DistillConfig:
+    """A config with `params` (dotted keys, e.g. {"kd.alpha": 0.5, "student.overrides.depth": 2}) applied."""
+    return replace(cfg, **dict(params)) if params else cfg
+
+
+def check_metric(metric: str) -> tuple[str, str]:
+    """`study_<m>` (m in STUDY_METRICS) or `image_auroc` → (level, name); anything else is a ConfigError."""
+    from kd_fracture.metrics import STUDY_METRICS
+
+    level, _, name = metric.partition("_")
+    if not ((level == "study" and name in STUDY_METRICS) or metric == "image_auroc"):
+        raise ConfigError(f"search.metric '{metric}': use study_<{'|'.join(STUDY_METRICS)}> or image_auroc")
+    return level, name
+
+
+def metric_value(result: dict, metric: str) -> float:
+    """The `metric` of an `metrics.evaluate` result (see check_metric); NaN stays NaN."""
+    level, name = check_metric(metric)
+    value = result[level][name]
+    return float("nan") if value is None else float(value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# storage, sampler, pruner, study
+
+
+def storage_url(storage: str | None, study: str, studies_dir: str | Path = "studies") -> str:
+    """None → `sqlite:///<studies_dir>/<study>.db`; `postgresql://` → `postgresql+psycopg://` (psycopg 3 driver)."""
+    if storage is None:
+        return f"sqlite:///{Path(studies_dir) / f'{study}.db'}"
+    for prefix in ("postgresql://", "postgres://"):
+        if storage.startswith(prefix):
+            return "postgresql+psycopg://" + storage[len(prefix):]
+    return storage
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for logs and files)."""
+    if url.startswith("journal:") or "://" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL: leave it to the storage to complain
+        return url
+
+
+def make_storage(url: str, cfg: SearchConfig) -> optuna.storages.BaseStorage:
+    """`journal:PATH` → JournalStorage(JournalFileBackend(PATH)); sqlite/postgresql/mysql URL → RDBStorage with
+    heartbeat and a retry of stale trials. Anything else is a ConfigError."""
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):]).expanduser()
+        if not path.name:
+            raise ConfigError(f"--storage {url}: give a file, e.g. journal:studies/distill_hybrid.journal")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        journal = optuna.storages.journal
+        backend = (journal.JournalFileBackend(str(path)) if hasattr(journal, "JournalFileBackend")
+                   else optuna.storages.JournalFileStorage(str(path)))  # optuna < 4.0
+        return optuna.storages.JournalStorage(backend)
+    dialect = url.split(":", 1)[0].split("+", 1)[0]
+    if dialect not in ("sqlite", "postgresql", "mysql"):
+        raise ConfigError(f"--storage {redact(url)}: use sqlite:///FILE.db, postgresql://USER@HOST/DB, "
+                          "mysql://USER@HOST/DB or journal:FILE")
+    if dialect == "sqlite" and url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable in practice
+            retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+            retry_kw = ({"heartbeat_stale_trial_callback": retry_cls(max_retry=cfg.max_retry)} if retry_cls
+                        else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(cfg.max_retry)})
+            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat_interval,
+                                              grace_period=cfg.grace_period, **retry_kw)
+    except ImportError as e:
+        raise UserError(f"--storage {redact(url)}: database driver missing ({e}); for PostgreSQL install "
+                        "'kd_fracture[postgres]' (psycopg 3)") from None
+    except Exception as e:  # sqlalchemy's OperationalError & co. carry the password-free reason in their message
+        reason = " ".join(str(e).split())[:300].replace(url, redact(url))
+        raise UserError(f"--storage {redact(url)}: cannot open the study storage ({type(e).__name__}: {reason})"
+                        ) from None
+
+
+def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    """TPE (Bergstra et al. 2011), seeded; `n_startup_trials` random trials first, like the pruner's startup."""
+    return optuna.samplers.TPESampler(seed=cfg.sampler_seed, n_startup_trials=max(1, cfg.n_startup_trials))
+
+
+def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=0)
+    if cfg.pruner == "wilcoxon":
+        # the signed-rank test needs ≥ 2 paired folds; p_threshold 0.1 is Optuna's default
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)
+    if cfg.pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"search.pruner '{cfg.pruner}' is not one of {', '.join(PRUNERS)}")
+
+
+def open_study(cfg: SearchConfig, storage: str | optuna.storages.BaseStorage | None = None,
+               fingerprint: Mapping[str, Any] | None = None, studies_dir: str | Path = "studies") -> optuna.Study:
+    """Create the study, or load it when it exists (a rerun, or another worker, continues it).
+
+    `fingerprint` (JSON-able settings that change what a trial's value means: teacher checkpoints, metric, search
+    folds and epochs, space, …) is stored as the study's user attribute `kd_fracture`; loading a study made with a
+    different fingerprint is an error, so trials of two different experiments never share one TPE model.
+    """
+    if storage is None or isinstance(storage, str):
+        storage = make_storage(storage_url(storage, cfg.study, studies_dir), cfg)
+    study = optuna.create_study(study_name=cfg.study, storage=storage, direction="maximize",
+                                sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
+    if fingerprint is not None:
+        fingerprint = _jsonable(fingerprint)
+        saved = study.user_attrs.get("kd_fracture")
+        if saved is None:
+            study.set_user_attr("kd_fracture", fingerprint)
+        elif saved != fingerprint:
+            key = next(k for k in sorted(set(saved) | set(fingerprint)) if saved.get(k) != fingerprint.get(k))
+            raise UserError(f"study '{cfg.study}' was created with {key}={saved.get(key)!r}, this run has "
+                            f"{fingerprint.get(key)!r}; use the same settings to continue it, or a new --study NAME")
+    return study
+
+
+def _jsonable(obj: Any) -> Any:
+    """Round-trip through JSON so tuples/np scalars compare equal to what the storage gives back."""
+    import json
+
+    return json.loads(json.dumps(obj, default=io._json_default))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# objective and optimisation
+
+ScoreFold = Callable[[optuna.Trial, dict, int], float]
+"""(trial, params, fold) → the scored fold's metric for a student trained with `params`."""
+
+
+def make_objective(space: Mapping[str, Param], folds: Sequence[int], score_fold: ScoreFold,
+                   report: str = "running_mean") -> Callable[[optuna.Trial], float]:
+    """suggest → per fold: train + score → report(step=fold) → prune?; returns the mean over folds.
+
+    report="running_mean" (MedianPruner: the mean so far is what is compared) or "per_fold" (WilcoxonPruner: the
+    per-fold values are paired with the best trial's at the same fold). Each fold's value is kept as user
+    attribute `fold<k>` (a column of trials.csv).
+    """
+    if report not in ("running_mean", "per_fold"):
+        raise ValueError(f"report must be running_mean or per_fold, got {report!r}")
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, space)
+        scores: list[float] = []
+        for k in folds:
+            value = float(score_fold(trial, params, k))
+            scores.append(value)
+            trial.set_user_attr(f"fold{k}", value)
+            running = float(np.mean(scores))
+            trial.report(value if report == "per_fold" else running, step=k)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"after fold {k}: running mean {running:.4f}")
+        return float(np.mean(scores))
+
+    return objective
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_search(study: optuna.Study, objective: Callable[[optuna.Trial], float], cfg: SearchConfig,
+               catch: Iterable[type[Exception]] = (), callbacks: Sequence[Callable] = ()) -> int:
+    """Run trials until the study holds `cfg.n_trials` finished trials (all workers together) or `cfg.timeout`.
+
+    Returns the number of trials this process started. A rerun of a finished study starts none.
+    Exceptions in `catch` fail only their trial (e.g. a non-finite loss at an extreme learning rate).
+    """
+    remaining = cfg.n_trials - count_finished(study)
+    if remaining <= 0:
+        return 0
+    before = len(study.trials)
+    stop = optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED)
+    study.optimize(objective, n_trials=remaining, timeout=cfg.timeout, catch=tuple(catch),
+                   callbacks=[stop, *callbacks], gc_after_trial=True)
+    return len(study.trials) - before
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# results
+
+
+def best_params(study: optuna.Study) -> dict[str, Any] | None:
+    """{"trial", "value", "params", counts…} of the best complete trial, or None when no trial completed."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in complete if t.value is not None and math.isfinite(t.value)]
+    if not complete:
+        return None
+    best = max(complete, key=lambda t: (t.value, -t.number))
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return {"study": study.study_name, "trial": best.number, "value": best.value, "params": dict(best.params),
+            "fold_values": {k: v for k, v in best.user_attrs.items() if k.startswith("fold")},
+            "n_complete": states.count(TrialState.COMPLETE), "n_pruned": states.count(TrialState.PRUNED),
+            "n_failed": states.count(TrialState.FAIL)}
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "datetime_start",
+                                       "duration"))
+    if "duration" in df:
+        df["duration_s"] = df.pop("duration").dt.total_seconds()
+    return df
+
+
+def write_outputs(study: optuna.Study, out_dir: str | Path, metric: str, storage: str) -> list[Path]:
+    """trials.csv, best_params.yaml (when a trial completed) and the three Optuna plots under out_dir."""
+    out_dir = Path(out_dir)
+    written = [io.write_csv(out_dir / "trials.csv", trials_frame(study))]
+    best = best_params(study)
+    if best is not None:
+        written.append(io.write_yaml(out_dir / "best_params.yaml",
+                                     {**best, "metric": metric, "storage": redact(storage)}))
+    written += plot_study(study, out_dir / "plots")
+    return written
+
+
+def plot_study(study: optuna.Study, plots_dir: str | Path) -> list[Path]:
+    """optuna.visualization.matplotlib: optimisation history, parameter importances, parallel coordinates (PNG).
+
+    A plot that needs more trials than the study has (importances need ≥ 2 complete trials) is skipped with a note.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    from kd_fracture.engine import log
+
+    plots_dir = Path(plots_dir)
+    written = []
+    for name, plot in (("optuna_history", ovm.plot_optimization_history),
+                       ("optuna_importances", ovm.plot_param_importances),
+                       ("optuna_parallel", ovm.plot_parallel_coordinate)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning of optuna.visualization.matplotlib
+                ax = plot(study)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            log(f"note: {name}.png skipped ({' '.join(str(e).split())[:120]})")
+            continue
+        ax = ax.flat[0] if isinstance(ax, np.ndarray) else ax
+        fig = ax.figure
+        fig.set_size_inches(max(fig.get_figwidth(), 7), max(fig.get_figheight(), 4))
+        path = plots_dir / f"{name}.png"
+        with io.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        plt.close(fig)
+        written.append(path)
+    return written

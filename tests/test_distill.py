@@ -1,0 +1,273 @@
+"""Distillation: replayed-view teacher cache, the DistillTask, and the end-to-end command on a tiny phantom.
+
+One 2-fold × 1-epoch resnet10t teacher run is built per module (it is the input of every test here, never changed).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from kd_fracture import cv, distill, engine, teacher_cache
+from kd_fracture.config import CVConfig, load_config
+from kd_fracture.data.dataset import CLEAN_VIEW
+from kd_fracture.data.folds import _read_folds_csv
+from kd_fracture.data.loaders import build_loader, fold_rows, resolve_manifest
+from kd_fracture.models import create_model
+
+VIEWS = 2
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_phantom, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    cfg = load_config(CVConfig, None, {
+        "run_dir": str(tmp / "run"), "data.root": str(tiny_phantom), "data.folds": 2, "data.img_size": 32,
+        "data.manifests_dir": str(tmp / "manifests"), "data.inner_val_frac": 0.2, "model.name": "resnet10t",
+        "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 50})
+    cv.run_cv(cfg)
+    return distill.load_teacher_run(cfg.run_dir)
+
+
+@pytest.fixture(scope="module")
+def fold0(teacher_run):
+    """(manifest, fold-0 rows) of the teacher run."""
+    manifest = resolve_manifest(teacher_run.cfg.data)
+    folds = _read_folds_csv(teacher_run.run.folds)
+    return manifest, fold_rows(manifest, folds, 0, teacher_run.cfg.data)
+
+
+def build_cache(teacher_run, fold0, cache_dir, checkpoint=None, views=VIEWS, loads=None):
+    manifest, rows = fold0
+    checkpoint = checkpoint or teacher_run.checkpoint(0)
+    t = teacher_run.cfg
+
+    def load():
+        if loads is not None:
+            loads.append(1)
+        return engine.load_weights(create_model(t.model.name, in_chans=t.model.in_chans, img_size=t.data.img_size),
+                                   checkpoint)
+
+    return teacher_cache.load_or_build(cache_dir, load, checkpoint, t.model, rows.train, manifest, t.data, t.aug,
+                                       views=views, seed=SEED, device=torch.device("cpu"), batch_size=64)
+
+
+def student_loader(teacher_run, fold0, in_chans=1, batch_size=16):
+    manifest, rows = fold0
+    return build_loader(rows.train, manifest, teacher_run.cfg.data, teacher_run.cfg.aug, train=True,
+                        in_chans=in_chans, batch_size=batch_size, seed=SEED, num_views=VIEWS)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# cache
+
+
+def test_cache_replays_identical_views(teacher_run, fold0, tmp_path):
+    cache = build_cache(teacher_run, fold0, tmp_path / "cache")
+    n = len(fold0[1].train)
+    assert cache.rebuilt and cache.logits.shape == (n, VIEWS + 1, 1)
+    student_ds = student_loader(teacher_run, fold0).dataset  # in_chans 1, the student's
+    teacher_ds = student_loader(teacher_run, fold0, in_chans=3).dataset  # in_chans 3, the teacher's
+    teacher = teacher_run.load(0).eval()
+    seen_views = set()
+    for epoch in (0, 1):
+        student_ds.set_epoch(epoch)
+        for i in (0, 1, n // 2, n - 1):
+            item = student_ds[i]
+            view = item["view"]
+            seen_views.add(view)
+            replayed = teacher_ds.with_view(view)[i]["image"]
+            # the student's 1-channel view is the teacher's 3-channel view: the same pixels, replicated
+            assert torch.equal(item["image"].expand(3, -1, -1), replayed)
+            with torch.no_grad():
+                z = teacher(replayed[None])
+            assert torch.allclose(cache.logits[i, view], z[0], atol=1e-5)
+    assert seen_views == set(range(VIEWS))  # every epoch's view of an image is one of the cached ones
+    clean = teacher_ds.with_view(CLEAN_VIEW)[3]["image"]
+    with torch.no_grad():
+        assert torch.allclose(cache.logits[3, -1], teacher(clean[None])[0], atol=1e-5)
+    # views differ from each other (they are augmentations, not copies)
+    assert not torch.allclose(cache.logits[:, 0], cache.logits[:, 1])
+
+    batch = next(iter(student_loader(teacher_run, fold0)))
+    looked_up = teacher_cache.CachedTeacher(cache)(batch)
+    assert torch.equal(looked_up, cache.logits[batch["index"], batch["view"]])
+
+
+def test_cache_is_reused_and_rebuilt_when_teacher_changes(teacher_run, fold0, tmp_path, capsys):
+    checkpoint = tmp_path / "teacher" / engine.BEST
+    checkpoint.parent.mkdir()
+    for name in (engine.BEST, engine.BEST + ".json"):
+        shutil.copy(teacher_run.run.fold(0) / name, checkpoint.parent / name)
+    loads = []
+    first = build_cache(teacher_run, fold0, tmp_path / "cache", checkpoint, loads=loads)
+    again = build_cache(teacher_run, fold0, tmp_path / "cache", checkpoint, loads=loads)
+    assert first.rebuilt and not again.rebuilt and loads == [1]  # a valid cache never loads the teacher
+    assert torch.equal(first.logits, again.logits)
+    meta = json.loads((tmp_path / "cache" / "teacher_logits.safetensors.json").read_text())
+    assert meta["key"] == first.key and meta["components"]["views"] == VIEWS
+
+    model = teacher_run.load(0)  # a changed teacher: same architecture, other weights
+    with torch.no_grad():
+        model.get_classifier().bias.add_(3.0)
+    engine.save_weights(model, checkpoint)
+    changed = build_cache(teacher_run, fold0, tmp_path / "cache", checkpoint, loads=loads)
+    assert changed.rebuilt and changed.key != first.key and len(loads) == 2
+    assert torch.allclose(changed.logits, first.logits + 3.0, atol=1e-4)
+    assert "stale (teacher_sha256 changed)" in capsys.readouterr().err
+
+    more_views = build_cache(teacher_run, fold0, tmp_path / "cache", checkpoint, views=3, loads=loads)
+    assert more_views.rebuilt and more_views.logits.shape[1] == 4
+
+
+def test_tampered_cache_is_rebuilt(teacher_run, fold0, tmp_path):
+    first = build_cache(teacher_run, fold0, tmp_path / "cache")
+    path = tmp_path / "cache" / teacher_cache.LOGITS_FILE
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)  # flipped bytes: the sidecar's sha256 no longer matches
+    again = build_cache(teacher_run, fold0, tmp_path / "cache")
+    assert again.rebuilt and torch.allclose(again.logits, first.logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# task
+
+
+def test_gradients_reach_every_student_parameter():
+    torch.manual_seed(0)
+    student = create_model("hybrid_t", in_chans=1, img_size=32)
+    n, batch_size = 10, 6
+    logits = torch.randn(n, VIEWS + 1, 1)
+    batch = {"image": torch.randn(batch_size, 1, 32, 32), "label": torch.tensor([0., 1., 1., 0., 1., 0.]),
+             "index": torch.tensor([0, 3, 5, 7, 9, 2]), "view": torch.tensor([0, 1, -1, 1, 0, 0])}
+    for alpha in (1.0, 0.5):  # pure KD (only the teacher term) and the mixed loss
+        student.zero_grad()
+        task = distill.DistillTask(teacher_cache.CachedTeacher(logits), temperature=4.0, alpha=alpha)
+        parts = task.losses(student, batch, epoch=0)
+        assert set(parts) == {"loss", "kd", "ce"}
+        parts["loss"].backward()
+        no_grad = [name for name, p in student.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+        assert not no_grad, no_grad
+        # the key bias of attention has an exactly zero gradient (softmax is shift-invariant); everything else moves
+        zero = [name for name, p in student.named_parameters() if p.grad.abs().sum() == 0 and "qkv.bias" not in name]
+        assert not zero, zero
+    assert parts["loss"].item() == pytest.approx(0.5 * parts["kd"].item() + 0.5 * parts["ce"].item(), rel=1e-5)
+
+
+def test_online_teacher_gives_the_same_loss_as_cached_views(teacher_run, fold0, tmp_path):
+    cache = build_cache(teacher_run, fold0, tmp_path / "cache")
+    loader = student_loader(teacher_run, fold0)
+    loader.dataset.set_epoch(1)
+    batch = next(iter(loader))
+    torch.manual_seed(0)
+    student = create_model("hybrid_t", in_chans=1, img_size=32).eval()  # eval: no dropout between the two calls
+    cached = distill.DistillTask(teacher_cache.CachedTeacher(cache), temperature=3.0, alpha=0.6)
+    online = distill.DistillTask(teacher_cache.OnlineTeacher(teacher_run.load(0), in_chans=3), temperature=3.0,
+                                 alpha=0.6)
+    a, b = cached.losses(student, batch, 1), online.losses(student, batch, 1)
+    for part in ("loss", "kd", "ce"):
+        assert a[part].item() == pytest.approx(b[part].item(), rel=1e-5, abs=1e-6), part
+    assert a["kd"].item() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def distill_args(teacher_run, tmp_path, *extra):
+    return ["--teacher-run", str(teacher_run.run.path), "--storage", f"sqlite:///{tmp_path / 'study.db'}",
+            "--study", "tiny", "--n-trials", "2", "--student", "hybrid_t", "--epochs", "1", "--search-epochs", "1",
+            "--views", str(VIEWS), "--set", "train.batch_size=16", "--set", "train.warmup_epochs=0",
+            "--set", "eval.bootstrap=50", "--set", "latency_threads=1", *extra]
+
+
+DOCUMENTED = ["config.yaml", "env.json", "trials.csv", "best_params.yaml", "student.onnx", "export.json", "summary.md",
+              *[f"cache/fold_{k}/teacher_logits.safetensors{ext}" for k in (0, 1) for ext in ("", ".json")],
+              *[f"trials/{n}/fold_{k}/{f}" for n in (0, 1) for k in (0, 1) for f in ("history.csv", "metrics.json")],
+              *[f"tables/teacher_vs_student.{ext}" for ext in ("csv", "md", "tex")],
+              *[f"plots/optuna_{p}.png" for p in ("history", "importances", "parallel")]]
+VARIANT_FILES = ["config.yaml", "holdout/predictions.csv", "holdout/metrics.json", "tables/cv_folds.csv",
+                 "summary.md", *[f"fold_{k}/{f}" for k in (0, 1) for f in (
+                     "checkpoint_best.safetensors", "state_last.pt", "history.csv", "oof_predictions.csv",
+                     "metrics.json", "DONE")]]
+
+
+def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, tmp_path, monkeypatch, capsys):
+    # a private copy of the teacher run: the study goes into <teacher_run>/distill/
+    run = tmp_path / "teacher"
+    shutil.copytree(teacher_run.run.path, run)
+    teacher = distill.load_teacher_run(run)
+    args = distill_args(teacher, tmp_path, "--set", "baselines=[no_kd, 'timm:mobilevit_xxs']")
+    assert distill.main(args) == 0
+    out = run / "distill" / "tiny"
+    missing = [f for f in DOCUMENTED if not (out / f).exists()]
+    missing += [f"final/{v}/{f}" for v in ("hybrid_t_kd", "hybrid_t_no_kd", "mobilevit_xxs_kd") for f in VARIANT_FILES
+                if not (out / "final" / v / f).exists()]
+    assert not missing, missing
+    assert not list((out / "trials").rglob("*.safetensors"))  # trial checkpoints are deleted once scored
+
+    trials = pd.read_csv(out / "trials.csv")
+    best = yaml.safe_load((out / "best_params.yaml").read_text())
+    assert len(trials) == 2 and set(trials["state"]) == {"COMPLETE"}
+    assert best["value"] == pytest.approx(trials["value"].max())
+    assert set(best["params"]) == set(load_config(distill.DistillConfig).search.space)
+    kd_cfg = yaml.safe_load((out / "final" / "hybrid_t_kd" / "config.yaml").read_text())
+    assert kd_cfg["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
+    assert kd_cfg["model"]["overrides"]["depth"] == best["params"]["student.overrides.depth"]
+    assert kd_cfg["model"]["in_chans"] == 1
+
+    table = pd.read_csv(out / "tables" / "teacher_vs_student.csv")
+    assert table["model"].tolist() == ["teacher (resnet10t)", "hybrid_t_kd", "hybrid_t_no_kd", "mobilevit_xxs_kd"]
+    assert (table["params_M"] > 0).all() and (table["gflops"] > 0).all() and (table["latency_ms"] > 0).all()
+    assert table.loc[1, "params_M"] < table.loc[0, "params_M"]
+    teacher_holdout = json.loads((run / "holdout" / "metrics.json").read_text())["fold_ensemble"]["ci95"]["kappa"]
+    assert table.loc[0, "holdout_kappa"] == pytest.approx(teacher_holdout["value"])
+    assert "± " in (out / "tables" / "teacher_vs_student.md").read_text()
+    export = json.loads((out / "export.json").read_text())
+    assert export["checked"] and export["ok"] and export["max_abs_diff"] < 1e-4
+
+    # no leakage: fold k's student learnt from fold k's teacher, on fold k's training rows only
+    manifest, _ = fold0
+    folds = _read_folds_csv(run / "folds.csv")
+    for k in (0, 1):
+        rows = fold_rows(manifest, folds, k, teacher.cfg.data)
+        assert not set(rows.train["patient_id"]) & set(rows.scored["patient_id"])
+        cache_meta = json.loads((out / f"cache/fold_{k}/teacher_logits.safetensors.json").read_text())
+        assert cache_meta["components"]["teacher_sha256"] == teacher.checkpoint_sha256(k)
+        assert cache_meta["components"]["n_rows"] == len(rows.train)
+        fold_metrics = json.loads((out / f"final/hybrid_t_kd/fold_{k}/metrics.json").read_text())
+        assert fold_metrics["teacher_checkpoint_sha256"] == teacher.checkpoint_sha256(k)
+        assert fold_metrics["n_train"] == len(rows.train) and fold_metrics["n_studies"] == rows.scored["study_id"].nunique()
+    assert teacher.checkpoint_sha256(0) != teacher.checkpoint_sha256(1)
+
+    # rerun of the same command: the study is complete and every fold DONE → nothing is trained again
+    monkeypatch.setattr(engine, "fit", lambda *a, **k: pytest.fail("a finished fold or trial was retrained"))
+    capsys.readouterr()
+    assert distill.main(args) == 0
+    assert "holds 2 finished trial(s); target 2 → 0 to run" in capsys.readouterr().err
+    assert len(pd.read_csv(out / "trials.csv")) == 2
+
+
+def test_missing_teacher_run_says_which_command_to_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert distill.main([]) == 2
+    err = capsys.readouterr().err
+    assert "runs/teacher_resnet50: no teacher run here" in err and "python -m kd_fracture.cv --folds 5" in err
+    assert not (tmp_path / "studies").exists()  # nothing written before the teacher run is found
+
+
+def test_unfinished_teacher_run_is_refused(teacher_run, tmp_path, capsys):
+    run = tmp_path / "teacher"
+    shutil.copytree(teacher_run.run.path, run)
+    (run / "fold_1" / "DONE").unlink()
+    assert distill.main(["--teacher-run", str(run)]) == 2
+    assert "teacher fold(s) [1] are not finished" in capsys.readouterr().err
+
+
+def test_mixup_is_refused(teacher_run, tmp_path, capsys):
+    assert distill.main(distill_args(teacher_run, tmp_path, "--set", "train.mixup=0.2")) == 2
+    assert "mixed images have no cached teacher logits" in capsys.readouterr().err
