@@ -84,7 +84,9 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 8
     """Upper bound; early stopping on the inner-validation split usually ends sooner."""
-    batch_size: int = 32
+    batch_size: int = 16
+    """Small batches on the CPU default: ResNet-50 from scratch on ~700 images needs optimiser steps more than
+    large batches; use 32–64 on a GPU (studies/teacher_resnet50_mura224.yaml)."""
     eval_batch_size: int = 128
     optimizer: str = "adamw"
     """adamw | adam | sgd (timm.optim.create_optimizer_v2)."""

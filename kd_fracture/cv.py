@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kd_fracture import engine, io, metrics, reporting
+from kd_fracture import distributed, engine, io, metrics, reporting
 from kd_fracture.config import CVConfig, add_config_args, load_config, overrides_from_args, replace, to_dict
 from kd_fracture.data.loaders import SharedCache, build_loader, fold_rows, holdout_rows, resolve_folds, resolve_manifest
 from kd_fracture.data.manifest import Manifest
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         from kd_fracture.compare import run_sweep  # backbone sweep: several cv runs on the same folds
 
         return run_sweep(cfg, args)
-    run_cv(cfg, folds_to_run=args.fold, aggregate_only=args.aggregate)
+    distributed.init_from_env(cfg.train.device)  # under torchrun: one process group, DDP in engine.fit
+    try:
+        run_cv(cfg, folds_to_run=args.fold, aggregate_only=args.aggregate)
+    finally:
+        distributed.cleanup()
     return 0
 
 
@@ -104,14 +108,17 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
     t0 = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = engine.resolve_device(cfg.train.device)
-    manifest = resolve_manifest(cfg.data)
-    folds = resolve_folds(cfg.data, manifest)
+    device = distributed.local_device(engine.resolve_device(cfg.train.device))
+    with distributed.main_first():  # rank 0 may generate the phantom and write the folds file; the others read them
+        manifest = resolve_manifest(cfg.data)
+        folds = resolve_folds(cfg.data, manifest)
     run = RunDir(cfg.run_dir)
     ks = list(range(cfg.data.folds))
     for k in folds_to_run or []:
         if k not in ks:
             raise UserError(f"--fold {k}: folds are numbered 0..{cfg.data.folds - 1}")
+    if not aggregate_only:
+        build_model(cfg)  # bad model name, --img-size vs. student stride, --pretrained file: fail before writing
     if engine.is_main():
         run.write_config(cfg)
         run.write_env(cfg.train.seed, str(device), {"dataset": manifest.name, "manifest_sha256": manifest.sha256()})
@@ -127,6 +134,7 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
         engine.log(f"trained fold(s) {folds_to_run}; when all folds are DONE run: "
                    f"python -m kd_fracture.cv --run-dir {cfg.run_dir} --aggregate")
         return run
+    distributed.barrier()  # every rank has finished its folds before rank 0 reads them
     if engine.is_main():
         aggregate(cfg, manifest, run, device, cache)
         engine.log(f"\nwrote {run.path}/ in {time.perf_counter() - t0:.0f}s — summary: {run.summary}")
@@ -138,7 +146,9 @@ def train_fold(cfg: CVConfig, manifest: Manifest, folds: pd.DataFrame, k: int | 
     """Train one fold's teacher (k=None: refit on the whole pool) and score its held-out fold."""
     name = "refit" if k is None else k
     fold_dir = run.fold(name)
-    if run.is_done(name):
+    with distributed.main_first():  # rank 0 may discard a damaged fold; the others then see the same state
+        done = run.is_done(name) and checkpoint_intact(run, name)
+    if done:
         engine.log(f"fold {name}: DONE, skipped")
         return
     rows = fold_rows(manifest, folds, k, cfg.data)
@@ -147,8 +157,7 @@ def train_fold(cfg: CVConfig, manifest: Manifest, folds: pd.DataFrame, k: int | 
     seed = cfg.train.seed + (0 if k is None else k)
     engine.seed_everything(seed)
     m = cfg.model
-    model = create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, img_size=cfg.data.img_size,
-                         pretrained=m.pretrained, freeze=m.freeze, drop_rate=m.drop_rate, **m.overrides)
+    model = build_model(cfg)
     loader = lambda r, train: build_loader(r, manifest, cfg.data, cfg.aug, train=train, in_chans=m.in_chans,  # noqa: E731
                                            batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
                                            seed=seed, cache=cache)
@@ -172,12 +181,30 @@ def train_fold(cfg: CVConfig, manifest: Manifest, folds: pd.DataFrame, k: int | 
         run.mark_done(name, info)
 
 
-def load_fold_model(cfg: CVConfig, run: RunDir, k: int | str) -> torch.nn.Module:
+def checkpoint_intact(run: RunDir, k: int | str) -> bool:
+    """A DONE fold whose best checkpoint fails its size/sha256 check is discarded (rank 0) and trained again."""
+    try:
+        engine.verify_sidecar(run.fold(k) / engine.BEST)
+        return True
+    except engine.CheckpointError as e:
+        engine.log(f"warning: {e}; training fold {k} again")
+        if engine.is_main():
+            for stale in ("DONE", engine.LAST, f"{engine.LAST}.json", engine.BEST, f"{engine.BEST}.json"):
+                (run.fold(k) / stale).unlink(missing_ok=True)
+        return False
+
+
+def build_model(cfg: CVConfig, pretrained: bool = True) -> torch.nn.Module:
+    """The run's architecture; pretrained=False skips the --pretrained file (a checkpoint will overwrite it)."""
     m = cfg.model
+    return create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, img_size=cfg.data.img_size,
+                        pretrained=m.pretrained if pretrained else None, freeze=m.freeze, drop_rate=m.drop_rate,
+                        **m.overrides)
+
+
+def load_fold_model(cfg: CVConfig, run: RunDir, k: int | str) -> torch.nn.Module:
     # the checkpoint holds every weight: build the architecture only (no --pretrained file needed to reload)
-    model = create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, img_size=cfg.data.img_size,
-                         freeze=m.freeze, drop_rate=m.drop_rate, **m.overrides)
-    return engine.load_weights(model, run.fold(k) / engine.BEST)
+    return engine.load_weights(build_model(cfg, pretrained=False), run.fold(k) / engine.BEST)
 
 
 def ensemble_predict(cfg: CVConfig, run: RunDir, rows: pd.DataFrame, manifest: Manifest, device: torch.device,

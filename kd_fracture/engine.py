@@ -29,7 +29,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
-from kd_fracture import io, metrics
+from kd_fracture import distributed, io, metrics
 from kd_fracture.config import TrainConfig
 from kd_fracture.errors import UserError
 from kd_fracture.losses import classification_loss, positive_prob
@@ -279,6 +279,8 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
     if (out_dir / LAST).exists():
         try:
             state = load_state(out_dir / LAST)
+            if state["best_epoch"] >= 0:  # the run goes on from this best checkpoint: a damaged one means starting over
+                verify_sidecar(out_dir / BEST)
             unwrap(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -289,6 +291,9 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
         except CheckpointError as e:
             log(f"warning: {e}; restarting {name.strip(': ') or 'training'} from scratch")
             start_epoch, best_score, best_epoch, bad_epochs, history = 0, -math.inf, -1, 0, []
+            if is_main():  # a best checkpoint of the abandoned run must not stand in for this run's
+                for stale in (out_dir / BEST, out_dir / f"{BEST}.json"):
+                    stale.unlink(missing_ok=True)
     if scheduler is not None:
         scheduler.step(start_epoch)
 
@@ -301,6 +306,7 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
         seed_everything(epoch_seed(cfg.seed, epoch))
         set_epoch(train_loader, epoch, epoch_seed(cfg.seed + 1, epoch))
         parts = train_one_epoch(train_model, task, train_loader, optimizer, scaler, cfg, device, epoch, name)
+        distributed.broadcast_buffers(unwrap(model))  # same BatchNorm statistics → same inner-val score on every rank
         if scheduler is not None:
             scheduler.step(epoch + 1)
         _, result = evaluate_rows(model, val_loader, val_rows, device, cfg.amp, channels_last=cfg.channels_last)
@@ -367,6 +373,10 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, scaler, cfg
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach()) * bs
         bar.set_postfix(loss=f"{totals['loss'] / n:.4f}")
+    if distributed.world_size() > 1:  # epoch means over all ranks' shards, as one process would log them
+        summed = torch.tensor([n, *totals.values()], dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        n, totals = int(summed[0]), dict(zip(totals, summed[1:].tolist()))
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 

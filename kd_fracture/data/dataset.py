@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from kd_fracture import distributed
 from kd_fracture.data.imageio import read_grayscale
 from kd_fracture.data.transforms import apply_seeded, build_transforms, image_key, resize_pad, resolve_aug
 from kd_fracture.errors import ConfigError
@@ -144,6 +145,50 @@ class XrayDataset(Dataset):
         return {"image": image, "label": torch.tensor(self.labels[i]), "index": i, "view": view}
 
 
+class ShardedRandomSampler(Sampler[int]):
+    """Distributed sampler that keeps the single-process batches: rank r of W gets slice r of every global batch.
+
+    The global order is the wrapped `RandomSampler`'s (same generator, re-seeded per epoch by `engine.set_epoch`
+    through the `generator` attribute), so global batch b holds the same images as batch b of a one-process run
+    with the same `batch_size`; DDP's gradient mean over ranks is then that batch's mean gradient (exactly when the
+    shards are equal, i.e. all but possibly the last batch). torch's `DistributedSampler` instead deals out a
+    different permutation (seed + epoch) round-robin, so a DDP run could not be compared with a single-process one.
+    A last global batch that would leave some rank fewer than 2 images (BatchNorm cannot train on 1, and a rank with
+    none would hang DDP's all-reduce) is dropped, as is any partial last batch with `drop_last`.
+    """
+
+    def __init__(self, base: RandomSampler, batch_size: int, rank: int, world_size: int, drop_last: bool = False):
+        if batch_size % world_size:
+            raise ConfigError(f"train.batch_size {batch_size} is not divisible by the {world_size} torchrun "
+                              f"processes; it is the global batch, each process takes batch_size / {world_size}")
+        self.base, self.generator = base, base.generator
+        self.batch_size, self.rank, self.world_size, self.drop_last = batch_size, rank, world_size, drop_last
+        self.local_batch_size = batch_size // world_size
+        self.epoch = 0
+        n = len(base)
+        last = n % batch_size
+        self.n_global = n - last if last and (drop_last or last < 2 * world_size) else n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # the order comes from the generator, which engine.set_epoch seeds from (seed, epoch)
+
+    def shard(self, start: int, stop: int) -> tuple[int, int]:
+        """This rank's [start, stop) of the global batch [start, stop): W near-equal contiguous pieces."""
+        n = stop - start
+        lo, hi = (n * self.rank) // self.world_size, (n * (self.rank + 1)) // self.world_size
+        return start + lo, start + hi
+
+    def __iter__(self):
+        order = list(self.base)[: self.n_global]  # (N,) global order, identical on every rank
+        for start in range(0, self.n_global, self.batch_size):
+            lo, hi = self.shard(start, min(start + self.batch_size, self.n_global))
+            yield from order[lo:hi]
+
+    def __len__(self) -> int:
+        full, last = divmod(self.n_global, self.batch_size)
+        return full * self.local_batch_size + (self.shard(0, last)[1] - self.shard(0, last)[0] if last else 0)
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed python/numpy in a DataLoader worker from torch's per-worker seed (PyTorch reproducibility notes).
 
@@ -162,11 +207,16 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int, num_work
     of (seed, e) only. It is separate from the loader's generator (which DataLoader draws worker base seeds from on
     every fresh iterator, but not on persistent workers' later epochs), so the order does not depend on
     `num_workers`. Workers are persistent (no re-fork per epoch) and forked on Linux so an `ImageCache` is shared,
-    not copied.
+    not copied. Under torchrun a shuffled loader is sharded (`ShardedRandomSampler`): `batch_size` stays the global
+    batch, each rank loads `batch_size / world_size` of it.
     """
     sampler = None
     if shuffle:
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
+        if distributed.world_size() > 1:  # torchrun: each rank trains on its shard of every (global) batch
+            sampler = ShardedRandomSampler(sampler, batch_size, distributed.rank(), distributed.world_size(),
+                                           drop_last=drop_last)
+            batch_size, drop_last = sampler.local_batch_size, False  # the sampler already dropped what must go
     workers = num_workers > 0
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
