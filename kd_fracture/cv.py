@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from kd_fracture import distributed, engine, io, metrics, reporting
-from kd_fracture.config import CVConfig, add_config_args, load_config, overrides_from_args, replace, to_dict
+from kd_fracture.config import CVConfig, add_config_args, load_config, overrides_from_args, replace
 from kd_fracture.data.loaders import SharedCache, build_loader, fold_rows, holdout_rows, resolve_folds, resolve_manifest
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.errors import UserError, cli_main
@@ -109,16 +109,16 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = distributed.local_device(engine.resolve_device(cfg.train.device))
-    with distributed.main_first():  # rank 0 may generate the phantom and write the folds file; the others read them
-        manifest = resolve_manifest(cfg.data)
-        folds = resolve_folds(cfg.data, manifest)
-    run = RunDir(cfg.run_dir)
     ks = list(range(cfg.data.folds))
     for k in folds_to_run or []:
         if k not in ks:
             raise UserError(f"--fold {k}: folds are numbered 0..{cfg.data.folds - 1}")
     if not aggregate_only:
         build_model(cfg)  # bad model name, --img-size vs. student stride, --pretrained file: fail before writing
+    with distributed.main_first():  # rank 0 may generate the phantom and write the folds file; the others read them
+        manifest = resolve_manifest(cfg.data)
+        folds = resolve_folds(cfg.data, manifest)
+    run = RunDir(cfg.run_dir)
     if engine.is_main():
         run.write_config(cfg)
         run.write_env(cfg.train.seed, str(device), {"dataset": manifest.name, "manifest_sha256": manifest.sha256()})
@@ -161,7 +161,8 @@ def train_fold(cfg: CVConfig, manifest: Manifest, folds: pd.DataFrame, k: int | 
     loader = lambda r, train: build_loader(r, manifest, cfg.data, cfg.aug, train=train, in_chans=m.in_chans,  # noqa: E731
                                            batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
                                            seed=seed, cache=cache)
-    task = engine.SupervisedTask(loss=cfg.train.loss, pos_weight=cfg.train.pos_weight,
+    task = engine.SupervisedTask(loss=cfg.train.loss,
+                                 pos_weight=engine.resolve_pos_weight(cfg.train.pos_weight, rows.train["label"]),
                                  label_smoothing=cfg.train.label_smoothing, mixup=engine.make_mixup(cfg.train))
     fit = engine.fit(model, task, loader(rows.train, True), loader(rows.inner_val, False), rows.inner_val,
                      replace(cfg.train, seed=seed), fold_dir, name=f"fold {name}: ", device=device)

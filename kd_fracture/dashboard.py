@@ -79,7 +79,7 @@ def open_storage(url: str):
                             "(or pass the --storage it used)")
     try:
         return optuna.storages.RDBStorage(url)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 — sqlalchemy/driver errors share no base class
         raise UserError(f"--storage {redact(url)}: cannot open ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:200]})") from None
 

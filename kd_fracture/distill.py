@@ -30,9 +30,10 @@ import argparse
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -42,16 +43,36 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kd_fracture import cv, engine, export, io, reporting, search
-from kd_fracture.config import (CVConfig, DistillConfig, add_config_args, load_config, overrides_from_args, read_yaml,
-                                replace, to_dict)
+from kd_fracture.config import (
+    CVConfig,
+    DistillConfig,
+    add_config_args,
+    load_config,
+    overrides_from_args,
+    read_yaml,
+    replace,
+    to_dict,
+)
 from kd_fracture.data.folds import _read_folds_csv
-from kd_fracture.data.loaders import FoldRows, SharedCache, build_loader, fold_rows, resolve_manifest
+from kd_fracture.data.loaders import (
+    FoldRows,
+    SharedCache,
+    build_loader,
+    fold_rows,
+    resolve_manifest,
+)
 from kd_fracture.errors import ConfigError, UserError, cli_main
 from kd_fracture.losses import kd_loss
 from kd_fracture.models import count_params, create_model
 from kd_fracture.models.student import TIMM_PREFIX
-from kd_fracture.run_dir import RunDir
-from kd_fracture.teacher_cache import CachedTeacher, OnlineTeacher, load_or_build
+from kd_fracture.run_dir import RunDir, _flatten, _is_runtime
+from kd_fracture.teacher_cache import (
+    LOGITS_FILE,
+    CachedTeacher,
+    OnlineTeacher,
+    TeacherCache,
+    load_or_build,
+)
 
 DEFAULT_TEACHER_RUN = CVConfig().run_dir
 FLAGS = {
@@ -93,32 +114,37 @@ class DistillTask:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kd_fracture.distill", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = DistillConfig()  # defaults shown in the help; flags only override the config
+    p = argparse.ArgumentParser(prog="python -m kd_fracture.distill", description=__doc__.split("\n\n")[0])
     add_config_args(p)
-    p.add_argument("--teacher-run", metavar="DIR", help=f"teacher cv run (default {DEFAULT_TEACHER_RUN}); image "
-                   "size, folds and data come from its config.yaml")
+    p.add_argument("--teacher-run", metavar="DIR", help=f"teacher cv run (default {d.teacher_run}); image size, "
+                   "folds, data and augmentation come from its config.yaml")
     g = p.add_argument_group("search")
-    g.add_argument("--n-trials", type=int, help="target number of finished trials in the study (a rerun adds only "
-                   "the missing ones)")
+    g.add_argument("--n-trials", type=int, metavar="N", help="target number of finished trials in the study; a rerun "
+                   f"adds only the missing ones (default {d.search.n_trials})")
     g.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
-    g.add_argument("--study", help="study name (also the output folder <teacher-run>/distill/<study>)")
+    g.add_argument("--study", help=f"study name, also the folder <teacher-run>/distill/<study> "
+                   f"(default {d.search.study})")
     g.add_argument("--storage", metavar="URL", help="sqlite:///F.db | postgresql://… | mysql://… | journal:PATH "
                    "(default sqlite:///studies/<study>.db)")
-    g.add_argument("--pruner", choices=search.PRUNERS)
-    g.add_argument("--search-epochs", type=int, help="epochs per fold inside the search")
-    g.add_argument("--search-folds", type=int, help="folds per trial (the first N; default all)")
+    g.add_argument("--pruner", choices=search.PRUNERS, help=f"default {d.search.pruner}")
+    g.add_argument("--search-epochs", type=int, metavar="N", help=f"epochs per fold in a trial "
+                   f"(default {d.search.epochs})")
+    g.add_argument("--search-folds", type=int, metavar="N", help=f"folds per trial, the first N "
+                   f"(default {d.search.folds}; --set search.folds=null for all)")
     g.add_argument("--skip-search", action="store_true", help="train final students with best_params.yaml (or "
                    "the config's values when there is none)")
     g.add_argument("--trials-only", action="store_true", help="only run trials (an extra worker on a shared storage)")
     g = p.add_argument_group("student and training")
-    g.add_argument("--student", help="hybrid_t | hybrid_s | hybrid_m | timm:NAME")
-    g.add_argument("--epochs", type=int, help="epochs of the final students")
-    g.add_argument("--teacher-cache", choices=TEACHER_CACHE_MODES, help="views = cached replayed views; none = run "
-                   "the teacher online every step (same views, for comparison)")
-    g.add_argument("--views", type=int, help="augmented views per image whose teacher logits are cached")
+    g.add_argument("--student", help=f"hybrid_t | hybrid_s | hybrid_m | timm:NAME (default {d.student.name})")
+    g.add_argument("--epochs", type=int, help=f"epochs of the final students (default {d.train.epochs})")
+    g.add_argument("--teacher-cache", choices=TEACHER_CACHE_MODES, help="views = cached, replayed views (default); "
+                   "none = run the teacher online every step on the same views, for comparison")
+    g.add_argument("--views", type=int, help=f"augmented views per image whose teacher logits are cached "
+                   f"(default {d.kd.views})")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--threads", type=int, help="torch CPU threads (on a CPU shared with other jobs, 1 is often "
+                   "fastest)")
     return p
 
 
@@ -142,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_search and args.trials_only:
         raise UserError("--skip-search and --trials-only exclude each other")
     cfg = resolve_config(args)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from our callback instead
     run_distill(cfg, skip_search=args.skip_search, trials_only=args.trials_only)
     return 0
 
@@ -150,10 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 # the teacher run
 
 
-@dataclass(frozen=True)
+@dataclass
 class TeacherRun:
+    """A finished teacher cv run: its config and its K fold checkpoints."""
+
     run: RunDir
     cfg: CVConfig
+    _sha256: dict = field(default_factory=dict, repr=False)
 
     def checkpoint(self, k: int) -> Path:
         return self.run.fold(k) / engine.BEST
@@ -162,8 +192,11 @@ class TeacherRun:
         return cv.load_fold_model(self.cfg, self.run, k)
 
     def checkpoint_sha256(self, k: int) -> str:
-        engine.verify_sidecar(self.checkpoint(k))
-        return io.read_json(self.checkpoint(k).with_name(engine.BEST + ".json"))["sha256"]
+        """sha256 of fold k's checkpoint, verified against its sidecar once per process."""
+        if k not in self._sha256:
+            engine.verify_sidecar(self.checkpoint(k))
+            self._sha256[k] = io.read_json(self.checkpoint(k).with_name(engine.BEST + ".json"))["sha256"]
+        return self._sha256[k]
 
 
 def load_teacher_run(path: str | Path) -> TeacherRun:
@@ -229,7 +262,7 @@ class Distiller:
         self.folds = _read_folds_csv(teacher.run.folds)  # the teachers' folds, never re-derived
         self.images = SharedCache(self.manifest.root, self.data.img_size, self.data.cache_images)
         self._rows: dict[int, FoldRows] = {}
-        self._caches: dict[int, Any] = {}
+        self._caches: dict[int, TeacherCache] = {}
         self.clock = Clock()
 
     def rows(self, k: int) -> FoldRows:
@@ -240,7 +273,7 @@ class Distiller:
     def seed(self, cfg: DistillConfig, k: int) -> int:
         return cfg.train.seed + k
 
-    def teacher_cache(self, k: int):
+    def teacher_cache(self, k: int) -> TeacherCache:
         """Fold k's cached teacher logits (loaded, or built once with fold k's teacher)."""
         if k not in self._caches:
             t0 = time.perf_counter()
@@ -251,6 +284,7 @@ class Distiller:
                 batch_size=self.teacher.cfg.train.eval_batch_size, amp=self.teacher.cfg.train.amp,
                 image_cache=self.images, desc=f"teacher cache fold {k}")
             if cache.rebuilt:
+                self.clock.cache_built(time.perf_counter() - t0)
                 engine.log(f"teacher cache fold {k}: {tuple(cache.logits.shape)} logits in "
                            f"{time.perf_counter() - t0:.0f}s → {cache.path}")
             self._caches[k] = cache
@@ -281,7 +315,8 @@ class Distiller:
         seed = self.seed(cfg, k)
         engine.seed_everything(seed)
         model = self.build_student(cfg)
-        task = DistillTask(self.teacher_source(cfg, k), cfg.kd.temperature, cfg.kd.alpha, cfg.train.pos_weight)
+        pos_weight = engine.resolve_pos_weight(cfg.train.pos_weight, rows.train["label"])  # "auto" → n_neg/n_pos
+        task = DistillTask(self.teacher_source(cfg, k), cfg.kd.temperature, cfg.kd.alpha, pos_weight)
         fit = engine.fit(model, task, self.loader(cfg, rows.train, k, True), self.loader(cfg, rows.inner_val, k, False),
                          rows.inner_val, replace(cfg.train, seed=seed, epochs=epochs), out_dir, name=name,
                          device=self.device, epoch_callback=self.clock.tick)
@@ -340,7 +375,7 @@ class Distiller:
         todo = max(0, scfg.n_trials - done)
         engine.log(f"search: study '{scfg.study}' at {search.redact(url)} holds {done} finished trial(s); target "
                    f"{scfg.n_trials} → {todo} to run, each {len(folds)} fold(s) × ≤ {self.search_epochs()} epochs")
-        self.clock.plan(todo * len(folds) * self.search_epochs())
+        self.clock.plan(epochs=todo * len(folds) * self.search_epochs())
         objective = search.make_objective(space, folds, self.score_trial_fold,
                                           report="per_fold" if scfg.pruner == "wilcoxon" else "running_mean")
         bar = tqdm(total=scfg.n_trials, initial=min(done, scfg.n_trials), desc="trials",
@@ -379,10 +414,11 @@ class Distiller:
     def train_variant(self, v: Variant) -> RunDir:
         vcfg = self.variant_config(v)
         run = RunDir(vcfg.run_dir)
-        stamp = {"config": to_dict(vcfg) | {"run_dir": None},
-                 "kd": {"temperature": v.cfg.kd.temperature, "alpha": v.cfg.kd.alpha, "views": v.cfg.kd.views},
-                 "teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)]}
-        stamp = search._jsonable(stamp)
+        # what the finished folds depend on (runtime-only keys such as threads or device excluded)
+        stamp = search.jsonable({
+            "config": {k: v2 for k, v2 in _flatten(to_dict(vcfg)).items() if not _is_runtime(k)},
+            "kd": {"temperature": v.cfg.kd.temperature, "alpha": v.cfg.kd.alpha, "views": v.cfg.kd.views},
+            "teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)]})
         stamp_path = run.path / "variant.json"
         if stamp_path.exists() and io.read_json(stamp_path) != stamp:
             old = run.path.with_name(run.path.name + ".old")
@@ -399,7 +435,7 @@ class Distiller:
         for k in tqdm(ks, desc=f"{v.name} folds", disable=not engine.show_progress()):
             if run.is_done(k):
                 continue
-            model, pred, result, info = self.train_fold(v.cfg, k, run.fold(k), v.cfg.train.epochs, f"{v.name} fold {k}: ")
+            _, pred, result, info = self.train_fold(v.cfg, k, run.fold(k), v.cfg.train.epochs, f"{v.name} fold {k}: ")
             io.write_csv(run.fold(k) / "oof_predictions.csv", pred)
             io.write_json(run.fold(k) / "metrics.json", {"fold": k, **info, **result})
             run.mark_done(k, {k2: info[k2] for k2 in ("best_epoch", "epochs_run", "params")})
@@ -415,23 +451,31 @@ class Distiller:
 
 
 class Clock:
-    """Counts student epochs; after the first one, prints how long the planned epochs take at most."""
+    """A rough upper bound of the time left, logged once after the first student epoch:
+    planned epochs × that epoch's time + teacher caches still to build × the first cache's time."""
 
     def __init__(self):
-        self.planned = 0
-        self.done = 0
-        self.first: float | None = None
+        self.epochs, self.caches, self.cache_s, self.reported = 0, 0, 0.0, False
 
-    def plan(self, epochs: int) -> None:
-        self.planned += epochs
+    def plan(self, epochs: int = 0, caches: int = 0) -> None:
+        self.epochs += epochs
+        self.caches += caches
+
+    def cache_built(self, seconds: float) -> None:
+        self.caches -= 1
+        self.cache_s = self.cache_s or seconds
 
     def tick(self, epoch: int, row: dict) -> None:
-        self.done += 1
-        if self.first is None:
-            self.first = float(row["time_s"])
-            left = max(self.planned - 1, 0) * self.first
-            engine.log(f"estimate: {self.first:.1f}s per student epoch → ≤ {left / 60:.1f} min for the "
-                       f"{self.planned - 1} remaining planned epochs (pruning and early stopping make it shorter)")
+        self.epochs -= 1
+        if self.reported:
+            return
+        self.reported = True
+        left = max(self.epochs, 0) * row["time_s"] + max(self.caches, 0) * self.cache_s
+        caches = ""
+        if self.caches > 0:
+            caches = f" + {self.caches} teacher cache(s) × " + (f"{self.cache_s:.0f}s" if self.cache_s else "?")
+        engine.log(f"estimate: {max(self.epochs, 0)} more student epochs × {row['time_s']:.1f}s{caches} → "
+                   f"≤ {left / 60:.0f} min, plus holdout/reports (pruning and early stopping make it shorter)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -455,12 +499,17 @@ def run_distill(cfg: DistillConfig, skip_search: bool = False, trials_only: bool
     out.write_env(cfg.train.seed, str(device), {"teacher_run": str(teacher.run.path),
                                                 "manifest_sha256": d.manifest.sha256()})
     k_folds = teacher.cfg.data.folds
-    n_final = (1 + len(cfg.baselines)) * k_folds * cfg.train.epochs
     engine.log(f"distill: teacher {teacher.cfg.model.name} × {k_folds} folds ({teacher.run.path}), student "
                f"{cfg.student.name}, {teacher.cfg.data.img_size} px, {cfg.kd.views} cached views "
                f"({cfg.kd.teacher_cache}); final: {1 + len(cfg.baselines)} variants × {k_folds} folds × "
                f"≤ {cfg.train.epochs} epochs → {out.path}")
 
+    if cfg.kd.teacher_cache == "views":
+        cached = [(out.path / "cache" / f"fold_{k}" / LOGITS_FILE).exists() for k in range(k_folds)]
+        d.clock.plan(caches=cached.count(False))
+    if not trials_only:
+        d.clock.plan(epochs=sum(not RunDir(out.path / "final" / v.name).is_done(k) for v in d.variants(cfg)
+                                for k in range(k_folds)) * cfg.train.epochs)
     params: dict = {}
     if not skip_search:
         study = d.run_search(space)
@@ -476,11 +525,10 @@ def run_distill(cfg: DistillConfig, skip_search: bool = False, trials_only: bool
     else:
         engine.log("--skip-search: no best_params.yaml; final students use the config's values")
     if trials_only:
-        engine.log(f"--trials-only: search done in {time.perf_counter() - t0:.0f}s; trials in {out.path / 'trials.csv'}")
+        engine.log(f"--trials-only: done in {time.perf_counter() - t0:.0f}s; trials in {out.path / 'trials.csv'}")
         return out
 
     best_cfg = search.apply_params(cfg, params)
-    d.clock.plan(n_final)
     runs = {}
     for v in d.variants(best_cfg):
         runs[v.name] = (v, d.train_variant(v))
@@ -500,12 +548,14 @@ def comparison_row(label: str, role: str, model: nn.Module, in_chans: int, img_s
                    holdout: dict, threads: int) -> dict:
     """One row of teacher_vs_student: size and speed of one fold model; CV mean/std and holdout of the ensemble."""
     prof = export.profile_model(model, in_chans, img_size, threads)
-    study = lambda m: np.array([f["study"][m] for f in folds], dtype=float)  # noqa: E731
+    cv_stats = {}
+    for m in ("kappa", "auroc", "f1"):
+        values = np.array([f["study"][m] for f in folds], dtype=float)  # (K,) scored-fold values
+        cv_stats[f"cv_{m}_mean"] = float(np.nanmean(values))
+        cv_stats[f"cv_{m}_std"] = float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else 0.0
     ci = holdout["ci95"]
     return {"model": label, "role": role, "params_M": prof["params"] / 1e6, "gflops": prof["flops"] / 1e9,
-            "latency_ms": prof["latency_ms"], "latency_threads": threads,
-            **{f"cv_{m}_{s}": getattr(np, f"nan{s}")(study(m), **({"ddof": 1} if s == "std" else {}))
-               for m in ("kappa", "auroc", "f1") for s in ("mean", "std")},
+            "latency_ms": prof["latency_ms"], "latency_threads": threads, **cv_stats,
             "holdout_kappa": ci["kappa"]["value"], "holdout_kappa_low": ci["kappa"]["low"],
             "holdout_kappa_high": ci["kappa"]["high"], "holdout_auroc": ci["auroc"]["value"],
             "holdout_f1": ci["f1"]["value"]}
@@ -513,16 +563,20 @@ def comparison_row(label: str, role: str, model: nn.Module, in_chans: int, img_s
 
 def display_table(df: pd.DataFrame) -> pd.DataFrame:
     """The human-readable form (Markdown/LaTeX): mean ± std and value [CI] as text."""
-    pm = lambda r, m: f"{r[f'cv_{m}_mean']:.3f} ± {r[f'cv_{m}_std']:.3f}"  # noqa: E731
+
+    def pm(metric: str) -> list[str]:
+        return [f"{m:.3f} ± {s:.3f}" for m, s in zip(df[f"cv_{metric}_mean"], df[f"cv_{metric}_std"])]
+
+    def fixed(column: str, digits: int = 3) -> list[str]:
+        return [f"{v:.{digits}f}" for v in df[column]]
+
     return pd.DataFrame({
-        "model": df["model"], "role": df["role"], "params (M)": df["params_M"].map("{:.2f}".format),
-        "GFLOPs": df["gflops"].map("{:.3f}".format),
+        "model": df["model"], "role": df["role"], "params (M)": fixed("params_M", 2), "GFLOPs": fixed("gflops"),
         "CPU ms/img": [f"{v:.2f} ({t} thr)" for v, t in zip(df["latency_ms"], df["latency_threads"])],
-        "CV study κ": [pm(r, "kappa") for _, r in df.iterrows()], "CV AUROC": [pm(r, "auroc") for _, r in df.iterrows()],
-        "CV F1": [pm(r, "f1") for _, r in df.iterrows()],
+        "CV study κ": pm("kappa"), "CV AUROC": pm("auroc"), "CV F1": pm("f1"),
         "holdout κ [95% CI]": [reporting.ci_text(r.holdout_kappa, r.holdout_kappa_low, r.holdout_kappa_high)
                                for r in df.itertuples()],
-        "holdout AUROC": df["holdout_auroc"].map("{:.3f}".format), "holdout F1": df["holdout_f1"].map("{:.3f}".format),
+        "holdout AUROC": fixed("holdout_auroc"), "holdout F1": fixed("holdout_f1"),
     })
 
 
@@ -581,23 +635,22 @@ def write_summary(d: Distiller, cfg: DistillConfig, params: dict, table: pd.Data
     else:
         onnx_line = "No ONNX export (onnx: false)."
     plots = sorted((out.plots).glob("optuna_*.png")) if out.plots.exists() else []
-    lines = [
-        f"# Distillation: {d.teacher.cfg.model.name} → {cfg.student.name} ({d.data.folds}-fold, "
-        f"{d.data.img_size} px)", "",
-        f"Teacher run `{d.teacher.run.path}`; data `{d.data.root or 'synthetic phantom (not real radiographs)'}`; "
-        f"{cfg.kd.views} cached augmented views per image ({cfg.kd.teacher_cache}); {elapsed / 60:.1f} min.", "",
-        search_line, "",
-        "Best parameters: " + (", ".join(f"`{k}` = {_fmt(v)}" for k, v in params.items()) or "(config defaults)"), "",
-        "## Teacher vs. students", "", display_table(table).to_markdown(index=False), "",
-        "CV numbers are means ± std over the scored folds; holdout = fold ensemble with 95% bootstrap CI over studies. "
-        "Latency: median of 20 batch-1 CPU forward passes after warm-up with "
-        f"{cfg.latency_threads} torch thread(s); FLOPs from torch's flop counter (1 MAC = 2 FLOPs) at batch 1.", "",
-        "**Caveat:** the search chose its parameters by the mean scored-fold metric, so the CV numbers of the "
-        "KD student are optimistically biased (selection on the same folds); the holdout, never used by the "
-        "teachers, the search or early stopping, is the unbiased estimate.", "",
-        onnx_line, "",
-        "## Files", "", reporting.markdown_link_list(out.path, [*written, *plots]), "",
-    ]
+    title = (f"# Distillation: {d.teacher.cfg.model.name} → {cfg.student.name} "
+             f"({d.data.folds}-fold, {d.data.img_size} px)")
+    data = d.data.root or "synthetic phantom (not real radiographs)"
+    setup = (f"Teacher run `{d.teacher.run.path}`; data `{data}`; {cfg.kd.views} cached augmented views per image "
+             f"({cfg.kd.teacher_cache}); {elapsed / 60:.1f} min.")
+    chosen = ", ".join(f"`{k}` = {_fmt(v)}" for k, v in params.items())
+    best_line = f"Best parameters: {chosen or '(config defaults)'}"
+    notes = ("CV numbers are means ± std over the scored folds; holdout = fold ensemble with 95% bootstrap CI over "
+             f"studies. Latency: median of 20 batch-1 CPU forward passes after warm-up with {cfg.latency_threads} "
+             "torch thread(s); FLOPs from torch's flop counter (1 MAC = 2 FLOPs) at batch 1.")
+    caveat = ("**Caveat:** the search chose its parameters by the mean scored-fold metric, so the CV numbers of the "
+              "KD student are optimistically biased (selection on the same folds); the holdout, never used by the "
+              "teachers, the search or early stopping, is the unbiased estimate.")
+    lines = [title, "", setup, "", search_line, "", best_line, "",
+             "## Teacher vs. students", "", display_table(table).to_markdown(index=False), "", notes, "", caveat, "",
+             onnx_line, "", "## Files", "", reporting.markdown_link_list(out.path, [*written, *plots]), ""]
     io.write_text(out.summary, "\n".join(lines))
 
 

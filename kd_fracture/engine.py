@@ -75,6 +75,17 @@ class SupervisedTask:
         return {"loss": ce, "ce": ce}
 
 
+def resolve_pos_weight(value: float | str | None, labels) -> float | None:
+    """`auto` → n_neg / n_pos of the training labels (so both classes weigh the same in BCE)."""
+    if value != "auto":
+        return None if value is None else float(value)
+    labels = np.asarray(labels)
+    n_pos = int((labels == 1).sum())
+    if n_pos == 0:
+        raise UserError("pos_weight=auto: the training split has no positive images")
+    return float((labels == 0).sum() / n_pos)
+
+
 def make_mixup(cfg: TrainConfig) -> Callable | None:
     """timm Mixup/CutMix for binary targets; None when both alphas are 0."""
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
@@ -106,17 +117,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    """Only rank 0 writes files."""
-    return rank() == 0
+rank, world_size, is_main = distributed.rank, distributed.world_size, distributed.is_main  # only rank 0 writes files
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -337,8 +338,7 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
         if epoch_callback is not None:
             epoch_callback(epoch, row)
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()  # rank 0 has written the best checkpoint that every rank loads next
     if (out_dir / BEST).exists():
         load_weights(model, out_dir / BEST)
     return FitResult(best_epoch, best_score, pd.DataFrame(history), stopped_early)

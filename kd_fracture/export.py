@@ -15,8 +15,8 @@ import importlib.util
 import statistics
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -91,22 +91,25 @@ class FoldEnsemble(nn.Module):
 
 def export_onnx(model: nn.Module, path: str | Path, in_chans: int, img_size: int, opset: int = 18) -> dict:
     """Write `model` (eval, CPU) to ONNX with a dynamic batch axis: input "image" (B, in_chans, S, S), output
-    "output". Returns {"path", "exporter", "opset"}."""
+    "output". The dynamo exporter is tried first when onnxscript is installed; the TorchScript exporter is the
+    fallback. Returns {"path", "exporter", "opset"}."""
     model = _cpu_copy(model)
     example = torch.randn(2, in_chans, img_size, img_size)
-    dynamo = importlib.util.find_spec("onnxscript") is not None
+    names = {"input_names": ["image"], "output_names": ["output"], "opset_version": opset}
+    exporter = "torchscript"
     with io.atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter deprecation and tracer warnings are not the user's business
-        if dynamo:
-            batch = torch.export.Dim("batch")
-            torch.onnx.export(model, (example,), str(tmp), dynamo=True, input_names=["image"],
-                              output_names=["output"], dynamic_shapes=({0: batch},), opset_version=opset,
-                              external_data=False)
-        else:
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["image"],
-                              output_names=["output"], opset_version=opset,
-                              dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}})
-    return {"path": str(path), "exporter": "dynamo" if dynamo else "torchscript", "opset": opset}
+        if importlib.util.find_spec("onnxscript") is not None:
+            try:
+                torch.onnx.export(model, (example,), str(tmp), dynamo=True, external_data=False,
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+                exporter = "dynamo"
+            except Exception:  # noqa: BLE001 — any dynamo failure: the TorchScript exporter below still works
+                exporter = "torchscript"
+        if exporter == "torchscript":
+            torch.onnx.export(model, (example,), str(tmp), dynamo=False,
+                              dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}}, **names)
+    return {"path": str(path), "exporter": exporter, "opset": opset}
 
 
 def check_onnx(model: nn.Module, path: str | Path, in_chans: int, img_size: int, batches: Sequence[int] = (1, 3),

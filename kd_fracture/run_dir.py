@@ -22,7 +22,8 @@ T = TypeVar("T")
 # Keys that do not change results: a rerun may differ in them without invalidating finished folds.
 RUNTIME_KEYS = {"data.num_workers", "data.verify_images", "data.regenerate_folds", "data.cache_images",
                 "train.device", "train.threads", "train.eval_batch_size", "run_dir", "data.phantom.cache_dir",
-                "search.n_trials", "search.timeout", "search.storage", "sweep"}
+                "search.n_trials", "search.timeout", "search.storage", "search.heartbeat_interval",
+                "search.grace_period", "sweep"}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Optuna search over the distillation hyper-parameters (DESIGN §9; optuna-examples' suggest → train → report → prune).
+"""Optuna search over the distillation hyper-parameters (DESIGN §9; suggest → train → report → prune).
 
     space = parse_space(cfg.search.space, cfg)                        # from studies/distill_hybrid.yaml
     study = open_study(cfg.search, fingerprint={...})                  # sqlite:///studies/<study>.db, load_if_exists
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import optuna
@@ -35,8 +36,25 @@ from kd_fracture import io
 from kd_fracture.config import DistillConfig, SearchConfig, replace, to_dict
 from kd_fracture.errors import ConfigError, UserError
 
-__all__ = ["Param", "apply_params", "best_params", "make_objective", "make_pruner", "make_sampler", "make_storage",
-           "check_metric", "metric_value", "open_study", "parse_space", "run_search", "storage_url", "suggest", "write_outputs"]
+__all__ = [
+    "Param",
+    "apply_params",
+    "best_params",
+    "check_metric",
+    "jsonable",
+    "make_objective",
+    "make_pruner",
+    "make_sampler",
+    "make_storage",
+    "metric_value",
+    "open_study",
+    "parse_space",
+    "redact",
+    "run_search",
+    "storage_url",
+    "suggest",
+    "write_outputs",
+]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PARAM_TYPES = ("float", "int", "categorical")
@@ -220,7 +238,7 @@ def redact(url: str) -> str:
         from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a SQLAlchemy URL: leave it to the storage to complain
+    except Exception:  # noqa: BLE001 — not a SQLAlchemy URL: the storage will complain
         return url
 
 
@@ -253,7 +271,7 @@ def make_storage(url: str, cfg: SearchConfig) -> optuna.storages.BaseStorage:
     except ImportError as e:
         raise UserError(f"--storage {redact(url)}: database driver missing ({e}); for PostgreSQL install "
                         "'kd_fracture[postgres]' (psycopg 3)") from None
-    except Exception as e:  # sqlalchemy's OperationalError & co. carry the password-free reason in their message
+    except Exception as e:  # noqa: BLE001 — sqlalchemy/driver errors share no base class; message kept
         reason = " ".join(str(e).split())[:300].replace(url, redact(url))
         raise UserError(f"--storage {redact(url)}: cannot open the study storage ({type(e).__name__}: {reason})"
                         ) from None
@@ -290,7 +308,7 @@ def open_study(cfg: SearchConfig, storage: str | optuna.storages.BaseStorage | N
     study = optuna.create_study(study_name=cfg.study, storage=storage, direction="maximize",
                                 sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
     if fingerprint is not None:
-        fingerprint = _jsonable(fingerprint)
+        fingerprint = jsonable(fingerprint)
         saved = study.user_attrs.get("kd_fracture")
         if saved is None:
             study.set_user_attr("kd_fracture", fingerprint)
@@ -301,7 +319,7 @@ def open_study(cfg: SearchConfig, storage: str | optuna.storages.BaseStorage | N
     return study
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Round-trip through JSON so tuples/np scalars compare equal to what the storage gives back."""
     import json
 

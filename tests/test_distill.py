@@ -23,13 +23,22 @@ VIEWS = 2
 SEED = 7
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """`--threads 1` (tiny images train fastest on one thread) must not leak into other test modules."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def teacher_run(tiny_phantom, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("teacher")
     cfg = load_config(CVConfig, None, {
         "run_dir": str(tmp / "run"), "data.root": str(tiny_phantom), "data.folds": 2, "data.img_size": 32,
         "data.manifests_dir": str(tmp / "manifests"), "data.inner_val_frac": 0.2, "model.name": "resnet10t",
-        "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 50})
+        "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 50,
+        "train.threads": 1})
     cv.run_cv(cfg)
     return distill.load_teacher_run(cfg.run_dir)
 
@@ -182,7 +191,7 @@ def distill_args(teacher_run, tmp_path, *extra):
     return ["--teacher-run", str(teacher_run.run.path), "--storage", f"sqlite:///{tmp_path / 'study.db'}",
             "--study", "tiny", "--n-trials", "2", "--student", "hybrid_t", "--epochs", "1", "--search-epochs", "1",
             "--views", str(VIEWS), "--set", "train.batch_size=16", "--set", "train.warmup_epochs=0",
-            "--set", "eval.bootstrap=50", "--set", "latency_threads=1", *extra]
+            "--set", "eval.bootstrap=50", "--set", "latency_threads=1", "--threads", "1", *extra]
 
 
 DOCUMENTED = ["config.yaml", "env.json", "trials.csv", "best_params.yaml", "student.onnx", "export.json", "summary.md",
@@ -241,7 +250,8 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
         assert cache_meta["components"]["n_rows"] == len(rows.train)
         fold_metrics = json.loads((out / f"final/hybrid_t_kd/fold_{k}/metrics.json").read_text())
         assert fold_metrics["teacher_checkpoint_sha256"] == teacher.checkpoint_sha256(k)
-        assert fold_metrics["n_train"] == len(rows.train) and fold_metrics["n_studies"] == rows.scored["study_id"].nunique()
+        assert fold_metrics["n_train"] == len(rows.train)
+        assert fold_metrics["n_studies"] == rows.scored["study_id"].nunique()
     assert teacher.checkpoint_sha256(0) != teacher.checkpoint_sha256(1)
 
     # rerun of the same command: the study is complete and every fold DONE → nothing is trained again
@@ -271,3 +281,12 @@ def test_unfinished_teacher_run_is_refused(teacher_run, tmp_path, capsys):
 def test_mixup_is_refused(teacher_run, tmp_path, capsys):
     assert distill.main(distill_args(teacher_run, tmp_path, "--set", "train.mixup=0.2")) == 2
     assert "mixed images have no cached teacher logits" in capsys.readouterr().err
+
+
+def test_student_flag_keeps_the_distill_student_defaults(tmp_path):
+    """`--student hybrid_t` changes the name only: in_chans stays the student's 1, not ModelConfig's 3."""
+    args = distill.build_parser().parse_args(["--teacher-run", str(tmp_path), "--student", "hybrid_t",
+                                              "--set", "train.batch_size=16"])
+    cfg = distill.resolve_config(args)
+    assert (cfg.student.name, cfg.student.in_chans, cfg.student.drop_rate) == ("hybrid_t", 1, 0.1)
+    assert (cfg.train.batch_size, cfg.train.epochs) == (16, distill.DistillConfig().train.epochs)

@@ -127,7 +127,8 @@ def test_rerun_on_same_sqlite_continues_the_study(tmp_path):
     trials = again.trials
     assert len(trials) == 3 and [(t.number, t.params, t.value) for t in trials[:2]] == first
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    assert trials[0].user_attrs == {"fold0": pytest.approx(first[0][2] - 0.05), "fold1": pytest.approx(first[0][2] + 0.05)}
+    value = first[0][2]
+    assert trials[0].user_attrs == {"fold0": pytest.approx(value - 0.05), "fold1": pytest.approx(value + 0.05)}
 
 
 def test_worse_trial_is_pruned_after_first_fold(tmp_path):

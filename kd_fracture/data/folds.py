@@ -209,8 +209,10 @@ def load_or_make_folds(manifest: Manifest, k: int, seed: int, manifests_dir: str
         _check_reused(path, folds, studies, k)
         return folds.sort_values("study_id", kind="stable").reset_index(drop=True), path
     folds = make_folds(manifest.df, k, seed)
+    # sidecar first: a CSV never exists without its sidecar, so concurrent jobs (`cv --fold k` array tasks starting
+    # together) never see half a pair; they make the same folds (deterministic) and write the same bytes
+    write_json(sidecar_path, _sidecar(folds, sha, manifest.name, k, seed))
     write_csv(path, folds)
-    write_json(sidecar_path, _sidecar(folds, sha, manifest.name, k, seed))  # sidecar last: it vouches for the CSV
     return folds, path
 
 

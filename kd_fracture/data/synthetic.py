@@ -297,7 +297,7 @@ def _shoulder(rng, p: Patient) -> list[Bone]:
 
 
 def _wrist(rng, p: Patient) -> list[Bone]:
-    s, t = p.shape, p.thick
+    t = p.thick
     dev = rng.uniform(-10, 10)  # radial / ulnar deviation
     bones = [
         _long_bone((-0.22, 1.9), (-0.2, 0.5), 0.12 * t, 0.17 * t, tail=(0.1 * t, 0.25 * t), young=p.young),
