@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
-from kd_fracture.bench import main  # noqa: E402  (sets OMP_WAIT_POLICY before torch is imported)
+from kd_fracture.bench import main  # (sets OMP_WAIT_POLICY before torch is imported)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,14 +8,14 @@ Every figure is a ratio of two things timed in the same process, alternately (A 
 shared machine hit both sides), and is the median over repeats of the per-repeat ratio; absolute times are kept
 beside it. Writes `<out>/results.json` (machine, versions, threads, settings, figures) and `<out>/results.md`.
 
-| name            | figure (target)                                                                                     |
-|-----------------|-----------------------------------------------------------------------------------------------------|
-| pipeline        | training epoch through the real loader ÷ the same epoch on batches already in memory (≤ 1.10)       |
-| image_cache     | loader epoch 2: PIL + torchvision decoding every PNG ÷ decoded-image cache (≥ 2)                    |
-| teacher_cache   | KD epoch with the ResNet-50 teacher run online ÷ with cached replayed-view logits (≥ 3)             |
-| student_teacher | student ÷ teacher: parameters (≤ 0.20), CPU latency at 224 px, batch 1 and 32 (≤ 0.25), + ONNX RT   |
-| pruning         | 20-trial Optuna search, pruned vs not: fold-epochs saved (≥ 40 %), best-value gap (≤ noise)         |
-| scale           | manifest load + validation + folds at 10k/40k/160k rows: time and peak memory per row (linear)      |
+| name            | figure (target)                                                                              |
+|-----------------|----------------------------------------------------------------------------------------------|
+| pipeline        | training epoch through the real loader ÷ its pure compute on batches in memory (≤ 1.10)      |
+| image_cache     | loader epoch 2: PIL + torchvision decoding every PNG ÷ decoded-image cache (≥ 2)             |
+| teacher_cache   | KD epoch with the ResNet-50 teacher run online ÷ with cached replayed-view logits (≥ 3)      |
+| student_teacher | student ÷ teacher: parameters (≤ 0.20), CPU latency at 224 px, batch 1 and 32 (≤ 0.25)       |
+| pruning         | 20-trial Optuna search, pruned vs not: fold-epochs saved (≥ 40 %), best-value gap (≤ noise)  |
+| scale           | manifest load + validation + folds at 10k/40k/160k rows: per-row time and peak memory (flat) |
 
 Everything runs on CPU (the figures are defined for the 2-core machine; a GPU would change every ratio).
 """
@@ -34,9 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -301,32 +302,9 @@ def bench_pipeline(ctx: Context) -> Result:
     figure is the plain ratio of the two arms. Both estimates are kept; the plain ratio is the cross-check, noisier
     by the run-to-run spread of ResNet-50 steps (±20 % here when other jobs share the cores).
     """
-    from kd_fracture import engine
-    from kd_fracture.config import TrainConfig
-    from kd_fracture.models import create_model
-
     s, res = ctx.settings, Result()
-    cfg = TrainConfig(amp=False)
     for fig_id, size, batch, n_batches in zip("abc", s.pipeline_sizes, s.pipeline_batch, s.pipeline_batches):
-        torch_seed(0)
-        model = create_model(s.teacher, in_chans=3)
-        optimizer, scaler = trainer(model, cfg)
-        task = engine.SupervisedTask(loss=cfg.loss)
-        loader = make_loader(ctx, ctx.train_rows(n_batches * batch), size, batch, in_chans=3)
-        in_memory = list(loader)  # the same collated batches, held in memory
-        run_epoch(model, task, in_memory[:1], optimizer, scaler, cfg)  # warm-up: allocator, kernels
-        waits: list[float] = []
-        epoch = iter(range(1, 10**6))
-
-        def through_loader() -> None:
-            e = next(epoch)
-            engine.set_epoch(loader, e, e)  # a fresh augmentation view each epoch, as in training
-            timer = WaitTimer(loader)
-            run_epoch(model, task, timer, optimizer, scaler, cfg, e)
-            waits.append(timer.wait)
-
-        times = paired({"loader": through_loader, "memory": lambda: run_epoch(model, task, in_memory, optimizer,
-                                                                              scaler, cfg)}, s.repeats)
+        times, waits = _pipeline_arms(ctx, size, batch, n_batches)
         in_epoch = statistics.median(t / (t - w) for t, w in zip(times["loader"], waits))
         two_arms = ratio_median(times["loader"], times["memory"])
         images = n_batches * batch
@@ -339,12 +317,43 @@ def bench_pipeline(ctx: Context) -> Result:
                      "epoch_s": statistics.median(times["loader"]), "in_memory_epoch_s": statistics.median(
                          times["memory"]), "images": images, "batch": batch, "num_workers": s.num_workers,
                      "model": s.teacher, "ms_per_image_compute": 1000 * statistics.median(times["memory"]) / images,
-                     "ms_per_image_data_wait": 1000 * statistics.median(waits) / images}))
+                     "ms_per_image_data_wait": 1000 * statistics.median(waits) / images,
+                     "per_repeat": {"loader_s": times["loader"], "wait_s": waits, "memory_s": times["memory"]}}))
         res.measure(f"{size} px: data wait per image", 1000 * statistics.median(waits) / images, "ms")
         res.measure(f"{size} px: compute per image (in-memory arm)",
                     1000 * statistics.median(times["memory"]) / images, "ms")
         res.measure(f"{size} px: cross-check, loader arm ÷ in-memory arm", two_arms, "×")
     return res
+
+
+def _pipeline_arms(ctx: Context, size: int, batch: int, n_batches: int) -> tuple[dict[str, list[float]], list[float]]:
+    """(seconds per repeat of both arms, seconds blocked on the loader per loader epoch) at one image size."""
+    from kd_fracture import engine
+    from kd_fracture.config import TrainConfig
+    from kd_fracture.models import create_model
+
+    cfg = TrainConfig(amp=False)
+    torch_seed(0)
+    model = create_model(ctx.settings.teacher, in_chans=3)
+    optimizer, scaler = trainer(model, cfg)
+    task = engine.SupervisedTask(loss=cfg.loss)
+    loader = make_loader(ctx, ctx.train_rows(n_batches * batch), size, batch, in_chans=3)
+    in_memory = list(loader)  # the same collated batches, held in memory
+    run_epoch(model, task, in_memory[:1], optimizer, scaler, cfg)  # warm-up: allocator, kernels
+    waits: list[float] = []
+    epochs = iter(range(1, 10**6))
+
+    def through_loader() -> None:
+        e = next(epochs)
+        engine.set_epoch(loader, e, e)  # a fresh augmentation view each epoch, as in training
+        timer = WaitTimer(loader)
+        run_epoch(model, task, timer, optimizer, scaler, cfg, e)
+        waits.append(timer.wait)
+
+    def in_memory_epoch() -> None:
+        run_epoch(model, task, in_memory, optimizer, scaler, cfg)
+
+    return paired({"loader": through_loader, "memory": in_memory_epoch}, ctx.settings.repeats), waits
 
 
 def torch_seed(seed: int) -> None:
@@ -421,7 +430,7 @@ def bench_image_cache(ctx: Context) -> Result:
         "× (naive ÷ cached)",
         meaning="a loader epoch decoding every PNG with PIL + torchvision takes this multiple of the cached one",
         details={"naive_s": statistics.median(times["naive"]), "cached_s": statistics.median(times["cached"]),
-                 "uncached_project_s": statistics.median(times["uncached"]), "images": n,
+                 "uncached_project_s": statistics.median(times["uncached"]), "per_repeat": times, "images": n,
                  "img_size": s.cache_img_size, "source_px": s.phantom_size, "num_workers": s.num_workers}))
     res.measure("cache speed-up over the project's own uncached loader",
                 ratio_median(times["uncached"], times["cached"]), "×")
@@ -488,6 +497,7 @@ def bench_teacher_cache(ctx: Context) -> Result:
         "× (online ÷ cached)",
         meaning=f"a KD epoch running {s.teacher} online takes this multiple of one replaying cached logits",
         details={"online_s": statistics.median(times["online"]), "cached_s": statistics.median(times["cached"]),
+                 "per_repeat": times,
                  "images": n, "batch": s.kd_batch, "img_size": s.kd_img_size, "views": s.kd_views,
                  "student": s.student, "teacher": s.teacher}))
     teacher_s = (statistics.median(times["online"]) - statistics.median(times["cached"])) / n  # per image
@@ -568,7 +578,7 @@ def bench_student_teacher(ctx: Context) -> Result:
                 ratio_median(times["student"], times["teacher"]), 0.25, "<=", "× (ratio)",
                 meaning=f"a batch of {batch} at {size} px takes the student this fraction of the teacher's time "
                         f"({backend}, {s.latency_threads} thread(s))",
-                details={"teacher_ms": lat["teacher"], "student_ms": lat["student"], "batch": batch,
+                details={"teacher_ms": lat["teacher"], "student_ms": lat["student"], "per_run_s": times, "batch": batch,
                          "img_size": size, "threads": s.latency_threads, "backend": backend}))
             for name in models:
                 res.measure(f"{name} throughput, {backend}, batch {batch}", 1000 * batch / lat[name], "images/s")
@@ -615,7 +625,8 @@ def proxy_value(params: dict) -> float:
     """Noise-free 'study κ' of a distillation parameter set: a smooth bowl around PROXY_OPTIMUM.
 
     κ = 0.70 − 0.08·(log10(lr/2e-3)/0.5)² − 0.06·((α − 0.6)/0.4)² − 0.04·(log10(T/4)/0.5)²
-            − 0.02·(log10(wd/0.02))² + depth bonus {1: −0.02, 2: 0, 3: +0.01} + width bonus {96: −0.01, 128: 0, 192: +0.005}
+            − 0.02·(log10(wd/0.02))² + depth bonus {1: −0.02, 2: 0, 3: +0.01}
+            + width bonus {96: −0.01, 128: 0, 192: +0.005}
     (scale parameters matter on a log scale; a trial with every parameter at a range edge loses ≈ 0.15–0.25).
     """
     g = params.get
@@ -732,7 +743,8 @@ def write_scale_tree(root: Path, max_rows: int) -> list[tuple[str, str, int]]:
         part = BODY_PARTS[patient % len(BODY_PARTS)]
         for study in range(1, int(rng.choice([1, 2, 3], p=[0.65, 0.25, 0.10])) + 1):
             label = int(rng.random() < 0.4)
-            study_dir = f"MURA-v1.1/{split}/{part}/patient{patient:06d}/study{study}_{'positive' if label else 'negative'}"
+            kind = "positive" if label else "negative"
+            study_dir = f"MURA-v1.1/{split}/{part}/patient{patient:06d}/study{study}_{kind}"
             (root / study_dir).mkdir(parents=True)
             for view in range(1, int(rng.choice([1, 2, 3, 4], p=[0.12, 0.43, 0.30, 0.15])) + 1):
                 path = f"{study_dir}/image{view}.png"
@@ -860,7 +872,7 @@ def _scale_base() -> Path:
 
 def _filesystem(path: Path) -> str:
     try:
-        out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True, timeout=10).stdout.split("\n")
+        out = subprocess.run(["df", "-T", str(path)], capture_output=True, text=True, timeout=10, check=False).stdout.split("\n")
         return f"{path} ({out[1].split()[1]})"
     except (OSError, IndexError, subprocess.SubprocessError):
         return str(path)
@@ -888,7 +900,7 @@ def environment(settings: Settings) -> dict:
                     if line.startswith("model name")), cpu)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+                                timeout=10, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
@@ -906,15 +918,16 @@ def environment(settings: Settings) -> dict:
 
 
 def format_markdown(report: dict) -> str:
-    env = report["environment"]
+    env, s = report["environment"], report["settings"]
     v = env["versions"]
     lines = [
         "# kd_fracture benchmarks", "",
-        f"`python -m kd_fracture.bench{' ' + report['mode_flag'] if report['mode_flag'] else ''}` — "
-        f"{report['started']}, {report['wall_s']:.0f} s. CPU: {env['cpu']} ({env['cpus_usable']} usable), "
-        f"torch {v['torch']} with {env['torch_threads']} threads, DataLoader workers {env['num_workers']}, load "
-        f"average {_fmt_load(env['load_average_start'])} at start and {_fmt_load(env.get('load_average_end'))} at "
-        "end (a shared machine: every figure is a ratio of two arms timed alternately).", "",
+        (f"`python -m kd_fracture.bench{' ' + report['mode_flag'] if report['mode_flag'] else ''}` — "
+         f"{report['started']}, {report['wall_s']:.0f} s. CPU: {env['cpu']} ({env['cpus_usable']} usable), "
+         f"torch {v['torch']}, {env['torch_threads']} threads for training and {s['latency_threads']} for latency, "
+         f"OMP_WAIT_POLICY={env['omp_wait_policy']}, DataLoader workers {env['num_workers']}, load average "
+         f"{_fmt_load(env['load_average_start'])} at start and {_fmt_load(env.get('load_average_end'))} at end "
+         "(a shared machine: every figure is a ratio of two arms timed alternately)."), "",
         "| # | figure | value | target | met | unit |", "|---|---|---|---|---|---|"]
     for name, bench in report["benchmarks"].items():
         for f in bench.get("figures", []):

@@ -26,6 +26,8 @@ final/<variant>/…, tables/, plots/, student.onnx, export.json, summary.md}.
 """
 from __future__ import annotations
 
+import os
+
 import argparse
 import shutil
 import sys
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.skip_search and args.trials_only:
         raise UserError("--skip-search and --trials-only exclude each other")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("distill does not run under torchrun (every process would write); scale it out with several "
+                        "Optuna workers on one --storage instead (README: Scaling out)")
     cfg = resolve_config(args)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from our callback instead
     run_distill(cfg, skip_search=args.skip_search, trials_only=args.trials_only)
