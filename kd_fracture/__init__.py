@@ -8,3 +8,6 @@ import os as _os
 
 # albumentations checks PyPI for a newer release on import; there is no network on clusters and CI.
 _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# OpenMP's default busy-waiting makes torch 5–10× slower whenever another process holds a core (shared nodes, CI,
+# Optuna workers side by side); passive waiting costs ~nothing on an idle machine. Must be set before torch loads.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

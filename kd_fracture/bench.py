@@ -1,6 +1,6 @@
 """`python -m kd_fracture.bench`: the project's performance figures, each a ratio measured side by side in one run.
 
-    python -m kd_fracture.bench                      # all six benchmarks (≈ 5–8 min on 2 CPU cores)
+    python -m kd_fracture.bench                      # all six benchmarks (≈ 3–5 min on 2 busy CPU cores)
     python -m kd_fracture.bench --quick              # tiny settings: a smoke run of every code path (≈ 30 s)
     python -m kd_fracture.bench --only pipeline teacher_cache --out benchmarks/
 
@@ -92,7 +92,7 @@ class Settings:
     # 4. student_teacher
     latency_img_size: int = 224
     latency_batches: tuple[int, ...] = (1, 32)
-    latency_runs: tuple[int, ...] = (10, 2)
+    latency_runs: tuple[int, ...] = (10, 3)
     """Timed forward passes per batch size (after one warm-up pass)."""
     latency_threads: int = 1
     """Threads for the latency figures: `distill.latency_threads`' default, so they match teacher_vs_student.md.
@@ -138,7 +138,7 @@ class Figure:
         return bool(self.value <= self.target if self.op == "<=" else self.value >= self.target)
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "name": self.name, "value": _round(self.value), "target": self.target,
+        return {"id": self.id, "name": self.name, "value": _round(self.value), "target": _round(self.target),
                 "op": self.op, "met": self.met, "unit": self.unit, "meaning": self.meaning,
                 "details": _round(self.details)}
 
@@ -718,7 +718,9 @@ def bench_pruning(ctx: Context) -> Result:
     res.notes.append(
         "proxy objective: scored-fold value = proxy_value(params) + fold offset + N(0, fold_noise_sd²), seeded by "
         "(params, fold); proxy_value is a smooth bowl in (log lr, α, log T, log wd) + small depth/width terms "
-        "(see kd_fracture.bench.proxy_value); sampler, pruner and objective are the project's factories")
+        "(see kd_fracture.bench.proxy_value); sampler, pruner and objective are the project's factories. Equal "
+        "best values are expected: a pruned trial joins TPE's 'bad' group where its finished low value would have, "
+        "so with the same sampler seed both searches mostly propose the same parameters")
     return res
 
 
