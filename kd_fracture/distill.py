@@ -55,7 +55,7 @@ from kd_fracture.config import (
     replace,
     to_dict,
 )
-from kd_fracture.data.folds import _read_folds_csv
+from kd_fracture.data.folds import read_folds_csv
 from kd_fracture.data.loaders import (
     FoldRows,
     SharedCache,
@@ -67,7 +67,7 @@ from kd_fracture.errors import ConfigError, UserError, cli_main
 from kd_fracture.losses import kd_loss
 from kd_fracture.models import count_params, create_model
 from kd_fracture.models.student import TIMM_PREFIX
-from kd_fracture.run_dir import RunDir, _flatten, _is_runtime
+from kd_fracture.run_dir import RunDir, flatten_config, is_runtime_key
 from kd_fracture.teacher_cache import (
     LOGITS_FILE,
     CachedTeacher,
@@ -264,7 +264,7 @@ class Distiller:
         if env.get("manifest_sha256") not in (None, self.manifest.sha256()):
             raise UserError(f"{teacher.run.env}: the teachers were trained on other data (manifest sha256 differs "
                             f"from {self.manifest.root}); distil on the data of the teacher run")
-        self.folds = _read_folds_csv(teacher.run.folds)  # the teachers' folds, never re-derived
+        self.folds = read_folds_csv(teacher.run.folds)  # the teachers' folds, never re-derived
         self.images = SharedCache(self.manifest.root, self.data.img_size, self.data.cache_images)
         self._rows: dict[int, FoldRows] = {}
         self._caches: dict[int, TeacherCache] = {}
@@ -421,7 +421,7 @@ class Distiller:
         run = RunDir(vcfg.run_dir)
         # what the finished folds depend on (runtime-only keys such as threads or device excluded)
         stamp = search.jsonable({
-            "config": {k: v2 for k, v2 in _flatten(to_dict(vcfg)).items() if not _is_runtime(k)},
+            "config": {k: v2 for k, v2 in flatten_config(to_dict(vcfg)).items() if not is_runtime_key(k)},
             "kd": {"temperature": v.cfg.kd.temperature, "alpha": v.cfg.kd.alpha, "views": v.cfg.kd.views},
             "teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)]})
         stamp_path = run.path / "variant.json"

@@ -58,12 +58,12 @@ class RunDir:
         saved = read_yaml(self.config) if self.config.exists() else None
         if saved is None:
             return
-        diffs = [k for k in sorted(set(_flatten(saved)) | set(_flatten(to_dict(cfg))))
-                 if not _is_runtime(k) and _flatten(saved).get(k) != _flatten(to_dict(cfg)).get(k)]
+        old, new = flatten_config(saved), flatten_config(to_dict(cfg))
+        diffs = [k for k in sorted(set(old) | set(new)) if not is_runtime_key(k) and old.get(k) != new.get(k)]
         if diffs:
             k = diffs[0]
-            raise UserError(f"{self.config}: this run was made with {k}={_flatten(saved).get(k)!r}, now "
-                            f"{_flatten(to_dict(cfg)).get(k)!r}; use the same settings to resume, or a new --run-dir")
+            raise UserError(f"{self.config}: this run was made with {k}={old.get(k)!r}, now {new.get(k)!r}; "
+                            "use the same settings to resume, or a new --run-dir")
 
     def write_config(self, cfg: Any) -> None:
         io.write_yaml(self.config, to_dict(cfg))
@@ -72,17 +72,17 @@ class RunDir:
         io.write_json(self.env, environment(seed, device) | (extra or {}))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten_config(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict) and k not in ("space", "overrides", "sweep"):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
     return out
 
 
-def _is_runtime(key: str) -> bool:
+def is_runtime_key(key: str) -> bool:
     return key in RUNTIME_KEYS or any(key.startswith(r + ".") for r in RUNTIME_KEYS)
 
 

@@ -15,7 +15,7 @@ import yaml
 from kd_fracture import cv, distill, engine, teacher_cache
 from kd_fracture.config import CVConfig, load_config
 from kd_fracture.data.dataset import CLEAN_VIEW
-from kd_fracture.data.folds import _read_folds_csv
+from kd_fracture.data.folds import read_folds_csv
 from kd_fracture.data.loaders import build_loader, fold_rows, resolve_manifest
 from kd_fracture.models import create_model
 
@@ -47,7 +47,7 @@ def teacher_run(tiny_phantom, tmp_path_factory):
 def fold0(teacher_run):
     """(manifest, fold-0 rows) of the teacher run."""
     manifest = resolve_manifest(teacher_run.cfg.data)
-    folds = _read_folds_csv(teacher_run.run.folds)
+    folds = read_folds_csv(teacher_run.run.folds)
     return manifest, fold_rows(manifest, folds, 0, teacher_run.cfg.data)
 
 
@@ -241,7 +241,7 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
 
     # no leakage: fold k's student learnt from fold k's teacher, on fold k's training rows only
     manifest, _ = fold0
-    folds = _read_folds_csv(run / "folds.csv")
+    folds = read_folds_csv(run / "folds.csv")
     for k in (0, 1):
         rows = fold_rows(manifest, folds, k, teacher.cfg.data)
         assert not set(rows.train["patient_id"]) & set(rows.scored["patient_id"])

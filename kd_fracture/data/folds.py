@@ -145,7 +145,7 @@ def _sidecar(folds: pd.DataFrame, manifest_sha: str, name: str, k: int, seed: in
     }
 
 
-def _read_folds_csv(path: Path) -> pd.DataFrame:
+def read_folds_csv(path: Path) -> pd.DataFrame:
     try:
         folds = pd.read_csv(path, dtype={"study_id": str, "patient_id": str, "body_part": str}, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
@@ -205,7 +205,7 @@ def load_or_make_folds(manifest: Manifest, k: int, seed: int, manifests_dir: str
         if (meta.get("k"), meta.get("seed")) != (k, seed):
             raise DataError(f"{sidecar_path}: says k={meta.get('k')} seed={meta.get('seed')} but the file name says "
                             f"k={k} seed={seed}; pass --regenerate-folds to rebuild them")
-        folds = _read_folds_csv(path)
+        folds = read_folds_csv(path)
         _check_reused(path, folds, studies, k)
         return folds.sort_values("study_id", kind="stable").reset_index(drop=True), path
     folds = make_folds(manifest.df, k, seed)
