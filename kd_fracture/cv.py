@@ -190,8 +190,9 @@ def checkpoint_intact(run: RunDir, k: int | str) -> bool:
     except engine.CheckpointError as e:
         engine.log(f"warning: {e}; training fold {k} again")
         if engine.is_main():
-            for stale in ("DONE", engine.LAST, f"{engine.LAST}.json", engine.BEST, f"{engine.BEST}.json"):
-                (run.fold(k) / stale).unlink(missing_ok=True)
+            (run.fold(k) / "DONE").unlink(missing_ok=True)
+            for checkpoint in (engine.LAST, engine.BEST):
+                engine.remove_checkpoint(run.fold(k) / checkpoint)
         return False
 
 

@@ -160,7 +160,7 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True) -> nn.Module
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e}); delete it and retrain") from None
-    missing, unexpected = unwrap(model).load_state_dict(state, strict=strict)
+    unwrap(model).load_state_dict(state, strict=strict)
     return model
 
 
@@ -183,6 +183,12 @@ def load_state(path: Path) -> dict:
 def write_sidecar(path: Path, meta: dict | None = None) -> None:
     io.write_json(path.with_name(path.name + ".json"),
                   {"file": path.name, "size": path.stat().st_size, "sha256": io.sha256_file(path), **(meta or {})})
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint together with its sidecar (never leave one without the other)."""
+    for p in (path, path.with_name(path.name + ".json")):
+        p.unlink(missing_ok=True)
 
 
 def verify_sidecar(path: Path) -> None:
@@ -293,8 +299,7 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
             log(f"warning: {e}; restarting {name.strip(': ') or 'training'} from scratch")
             start_epoch, best_score, best_epoch, bad_epochs, history = 0, -math.inf, -1, 0, []
             if is_main():  # a best checkpoint of the abandoned run must not stand in for this run's
-                for stale in (out_dir / BEST, out_dir / f"{BEST}.json"):
-                    stale.unlink(missing_ok=True)
+                remove_checkpoint(out_dir / BEST)
     if scheduler is not None:
         scheduler.step(start_epoch)
 
