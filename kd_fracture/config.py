@@ -117,7 +117,7 @@ class TrainConfig:
     amp: bool = True
     """Mixed precision on CUDA (ignored on CPU)."""
     channels_last: bool = True
-    """channels_last memory format on CUDA (ignored on CPU)."""
+    """channels_last (NHWC) memory format for model and inputs; faster on CUDA and on CPU (oneDNN)."""
     threads: int | None = None
     """torch CPU threads; null = torch's default."""
 
@@ -137,9 +137,10 @@ class CVConfig:
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, pos_weight="auto", monitor="study_auroc",
-                                                                   patience=4))
-    """Teacher defaults: AUROC is a smoother early-stopping signal than κ on a small inner split, and balanced
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, batch_size=32, lr=4e-3, pos_weight="auto",
+                                                                   monitor="study_auroc", patience=4))
+    """Teacher defaults, sized for ≤ 15 min on 2 CPU cores: batch 32 runs ResNet-50 1.6× faster per image than 16 on
+    CPU, and a from-scratch ResNet-50 needs the high AdamW lr to leave chance in ~150 steps. AUROC is a smoother early-stopping signal than κ on a small inner split, and balanced
     positives keep κ from collapsing to 0 while the model still predicts the majority class."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     refit: bool = False

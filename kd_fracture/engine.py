@@ -216,7 +216,7 @@ def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = T
         x = batch["image"].to(device, non_blocking=True)
         if transform is not None:
             x = transform(x)
-        if channels_last and device.type == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             logits = model(x)
@@ -267,8 +267,8 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
     out_dir = Path(out_dir)
     device = device or resolve_device(cfg.device)
     model.to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    if cfg.channels_last:  # NHWC: faster on CUDA tensor cores and on CPU oneDNN (ResNet-50 training at 64 px,
+        model.to(memory_format=torch.channels_last)  # 2 cores, batch 32: 33 vs 31 img/s; batch 16: 25 vs 20)
     optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **({"momentum": 0.9} if cfg.optimizer == "sgd" else {}))
     scheduler, _ = create_scheduler_v2(optimizer, sched="step" if cfg.scheduler == "step" else "cosine",
@@ -358,7 +358,7 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, scaler, cfg
     bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}", leave=False, disable=not show_progress())
     for batch in bar:
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if cfg.channels_last and device.type == "cuda":
+        if cfg.channels_last:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg.amp):
             parts = task.losses(model, batch, epoch)
