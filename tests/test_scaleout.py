@@ -360,8 +360,8 @@ def postgres() -> str:
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_postgres_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried(teacher_run, work, postgres, start):
-    """Worker A takes trial 0 and is SIGKILLed mid-trial; worker B's heartbeat check fails it after the grace period
-    (heartbeat 1 s, grace 2 s), the retry callback re-enqueues its parameters, and B completes the study."""
+    """Worker A is SIGKILLed inside a trial; worker B, started after, fails that orphaned trial once its heartbeat
+    is stale (heartbeat 1 s, grace 2 s), the retry callback re-enqueues its parameters, and B completes the study."""
     import optuna
     from optuna.trial import TrialState
 
@@ -372,16 +372,18 @@ def test_postgres_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried(tea
     wait_until(lambda: "search: study 'pg_shared'" in a_log.read_text(), a, 300, "worker A's study", poll=0.2)
     study = load_study(postgres, "pg_shared")
     wait_until(lambda: study.get_trials(states=(TrialState.RUNNING,)), a, 300, "worker A's first trial", poll=0.2)
-    b = start(distill_worker(teacher_run, postgres, "pg_shared", n, *heartbeat), work / "pg_b.log")
-    a.send_signal(signal.SIGKILL)  # mid-trial: the trial has just started (teacher cache, then training)
+    a.send_signal(signal.SIGKILL)  # mid-trial (a tiny trial may already have finished: take whichever is running)
     assert a.wait() == -signal.SIGKILL
+    orphaned = [t.number for t in study.get_trials(states=(TrialState.RUNNING,))]
+    assert len(orphaned) == 1, f"worker A was not inside a trial when killed: {orphaned}"
+    b = start(distill_worker(teacher_run, postgres, "pg_shared", n, *heartbeat), work / "pg_b.log")
     assert b.wait(timeout=900) == 0, (work / "pg_b.log").read_text()[-3000:]
 
     trials = load_study(postgres, "pg_shared").get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert [t.number for t in failed] == [0], [(t.number, t.state) for t in trials]
+    assert [t.number for t in failed] == orphaned, [(t.number, t.state) for t in trials]
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)
-    retried = [t for t in trials if retry_cls.retried_trial_number(t) == 0]
+    retried = [t for t in trials if retry_cls.retried_trial_number(t) == orphaned[0]]
     assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
     assert retried[0].params == failed[0].params  # the same parameters, run again
     assert sum(t.state == TrialState.COMPLETE for t in trials) == n
