@@ -24,13 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import cohen_kappa_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from kd_fracture.data.dataset import XrayDataset
 from kd_fracture.data.manifest import load_manifest
 from kd_fracture.data.synthetic import GENERATOR_VERSION, generate_phantom
 from kd_fracture.io import write_json, write_text
+from kd_fracture.metrics import evaluate
 
 
 def small_cnn() -> nn.Module:
@@ -42,10 +43,9 @@ def small_cnn() -> nn.Module:
 
 
 def study_scores(df: pd.DataFrame, prob: np.ndarray) -> dict:
-    studies = df.assign(prob=prob).groupby("study_id").agg(prob=("prob", "mean"), label=("label", "first"))
-    return {"study_kappa": float(cohen_kappa_score(studies.label, studies.prob >= 0.5)),
-            "study_auroc": float(roc_auc_score(studies.label, studies.prob)),
-            "image_auroc": float(roc_auc_score(df.label, prob)), "n_studies": len(studies)}
+    result = evaluate(df.assign(prob=prob))  # the project's metrics: study prob = mean of its images, >= 0.5
+    return {"study_kappa": result["study"]["kappa"], "study_auroc": result["study"]["auroc"],
+            "image_auroc": result["image"]["auroc"], "n_studies": result["n_studies"]}
 
 
 def main(argv: list[str] | None = None) -> None:
