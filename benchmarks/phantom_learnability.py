@@ -2,8 +2,8 @@
 
     python benchmarks/phantom_learnability.py [--patients 450] [--epochs 14] [--out benchmarks/]
 
-Generates a phantom (default generator settings, 64 px), trains on its train/ split and scores its valid/ split (the holdout)
-(disjoint patients, as MURA):
+Generates a phantom (default generator settings, 64 px), trains on its train/ split and scores its valid/ split,
+the holdout (disjoint patients, as in MURA):
 - a 4-block CNN (3×3 conv, BN, ReLU, 2×2 max-pool; global MAX pooling, since a fracture is a small local sign),
   AdamW 2e-3, batch 32, the package's training augmentation, for `--epochs` epochs: study-level κ and AUROC
   (study probability = mean over its views; MURA's metric, Rajpurkar et al. 2017);

@@ -23,8 +23,8 @@ Image model. Each patient's bones are drawn once in a canonical frame (x right, 
                  (auto-windowing), heel-effect gradient, gamma, then noise with sigma(I) = a sqrt(I) + b
                  (Poisson-like quantum noise plus read noise), quantised to uint8.
 Every sign of a fracture scales with its conspicuity c = 1 - subtlety, subtlety = U(0, 1)^4 per study (most
-fractures are visible, about 16 % are subtle, some nearly invisible). Views differ in rotation (±20°), foreshortening (lateral
-views are narrower), zoom, shift, exposure and noise. Abnormal and normal images have matched global intensity
+fractures are visible, about 16 % are subtle, some nearly invisible). Views differ in rotation (±20°), foreshortening
+(lateral views are narrower), zoom, shift, exposure and noise. Abnormal and normal images have matched global intensity
 statistics (a logistic model on mean / std / bright fraction scores AUROC ~0.5).
 
 Calibration (generator v3, 64 px; `benchmarks/phantom_learnability.py`): a 4-block CNN with global max pooling
@@ -72,8 +72,8 @@ STUDIES_PER_PATIENT = ((1, 2, 3), (0.65, 0.25, 0.10))
 VIEWS_PER_STUDY = ((1, 2, 3, 4), (0.12, 0.43, 0.30, 0.15))
 FRACTURE_KINDS = (("crack", 0.05), ("displaced", 0.25), ("angulated", 0.2), ("fragment", 0.1), ("hardware", 0.4))
 """Abnormal study kinds and their probabilities. Weighted towards signs visible at 64 px (metal, displacement,
-angulation): a ResNet-50 trained from scratch for a few CPU minutes learns those, not hairline cracks (v2 mix
-0.25/0.25/0.15/0.15/0.2 left it at chance after 10 epochs)."""
+angulation), the ones a from-scratch ResNet-50 starts to pick up within a few CPU minutes; hairline cracks it does not
+(the v2 mix 0.25/0.25/0.15/0.15/0.2 left it at chance after 10 epochs; v3 lifts it only slightly, README Results)."""
 SUBTLETY_POWER = 4.0
 """Per-study subtlety = U(0, 1) ** SUBTLETY_POWER: most fractures are clear, about 16 % are subtle (> 0.5)."""
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
