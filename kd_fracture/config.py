@@ -26,10 +26,13 @@ T = TypeVar("T")
 class PhantomConfig:
     """The synthetic MURA-layout phantom used when no `--data` is given (DESIGN §2.3)."""
 
-    patients: int = 300
+    patients: int = 400
     size: int = 64
     """Stored PNG side in pixels; images are resized to `data.img_size` on load anyway."""
     seed: int = 0
+    holdout_frac: float = 0.25
+    """Patients in valid/ (the holdout): 100 of 400, ≈ 140 studies, so the holdout κ's 95 % CI is about ±0.14 wide
+    rather than ±0.2 with the generator's 15 % of 300; the CV pool keeps 300 patients."""
     cache_dir: str = ".kd_fracture_cache"
 
 
@@ -43,8 +46,9 @@ class DataConfig:
     folds: int = 5
     fold_seed: int = 0
     """random_state of StratifiedGroupKFold; recorded in the folds file name."""
-    inner_val_frac: float = 0.1
-    """Fraction of a fold's training patients held out for early stopping and checkpoint choice."""
+    inner_val_frac: float = 0.2
+    """Fraction of a fold's training patients held out for the epoch monitor, checkpoint choice and the decision
+    threshold (≈ 60 studies per fold on the default phantom; at 0.1, ≈ 30 made the threshold a coin toss)."""
     regenerate_folds: bool = False
     verify_images: bool = False
     cache_images: bool = True
@@ -74,7 +78,7 @@ class ModelConfig:
     pretrained: str | None = None
     """Local weights file (safetensors/pth); never downloaded."""
     freeze: str = "none"
-    """none | backbone (train only the classifier head)."""
+    """none | backbone (train only the classifier head) | bn (train every weight, BatchNorm layers frozen)."""
     drop_rate: float = 0.0
     overrides: dict = field(default_factory=dict)
     """Architecture overrides for registered students, e.g. {depth: 3, embed_dim: 192}."""
@@ -93,7 +97,11 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     scheduler: str = "cosine"
-    """cosine | step | none (timm.scheduler, stepped per epoch)."""
+    """cosine | step | none (timm.scheduler)."""
+    schedule_per_step: bool = False
+    """Update the learning rate after every optimiser step (timm `step_update`) instead of once per epoch. A short
+    run (3–5 epochs) needs it: per-epoch warm-up then holds the lr at 10 % for a whole epoch, and cosine moves in
+    coarse jumps."""
     warmup_epochs: int = 1
     min_lr: float = 1e-6
     step_epochs: int = 10
@@ -111,6 +119,9 @@ class TrainConfig:
     """Epochs without inner-val improvement before stopping."""
     monitor: str = "study_kappa"
     """Inner-val metric for early stopping and checkpoint choice: study_kappa | study_auroc | image_auroc."""
+    checkpoint: str = "best"
+    """Weights a run keeps: best (the epoch with the best inner-val monitor) | last (the final epoch; the monitor is
+    still logged). On a ~30-study inner split "best" is close to a coin toss between epochs (benchmarks/teacher_recipe.md)."""
     seed: int = 0
     device: str = "auto"
     """auto (cuda if available) | cpu | cuda | cuda:N."""
@@ -127,6 +138,35 @@ class EvalConfig:
     bootstrap: int = 1000
     """Holdout bootstrap resamples over studies for 95% CIs."""
     threshold: float = 0.5
+    """Study-level cut (abnormal iff study prob ≥ threshold) for threshold_rule fixed, and the fallback of the other
+    rules when the inner-validation split has one class only or fewer than 2 studies."""
+    threshold_rule: str = "youden"
+    """How each fold's cut is chosen on its inner-validation split (metrics.choose_threshold):
+    fixed = `threshold`; youden = max sensitivity + specificity − 1 (Youden 1950); max_kappa = max study κ.
+    The fold ensemble's holdout is scored at the mean of the fold cuts; every result also reports 0.5 (at_0.5)."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Domain pretraining on a disjoint phantom corpus (`python -m kd_fracture.pretrain`, kd_fracture/pretraining.py).
+
+    The CPU analogue of the ImageNet weights every real fracture classifier starts from: the teacher architecture is
+    trained once on `patients` phantom patients drawn with `phantom_seed` (a different seed = different patients
+    from the CV pool and holdout) and cached; `cv` starts every fold from these weights when `model.pretrained` is
+    `phantom` (or `auto` on the phantom). Recipe and figures: benchmarks/teacher_recipe.md."""
+
+    patients: int = 2000
+    phantom_seed: int = 1000
+    """Must differ from data.phantom.seed: the corpus must not share patients with the data it is evaluated on."""
+    holdout_frac: float = 0.05
+    """The corpus's own valid/ split: logged each epoch to show the pretraining learns; no decision uses it."""
+    aug: AugConfig = field(default_factory=lambda: AugConfig(rotate_limit=0.0, rrc_scale_min=1.0,
+                                                             brightness_contrast=0.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=4, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=1, schedule_per_step=True,
+        pos_weight=None, monitor="study_auroc", patience=1000, checkpoint="last", grad_clip=None))
+    """Plain recipe (AdamW, warm-up + per-step cosine, horizontal flips only, last epoch kept): on 6,600 images a
+    from-scratch ResNet-50 learns the phantom with it (benchmarks/teacher_recipe.md)."""
 
 
 @dataclass(frozen=True)
@@ -135,15 +175,21 @@ class CVConfig:
 
     run_dir: str = "runs/teacher_resnet50"
     data: DataConfig = field(default_factory=DataConfig)
-    aug: AugConfig = field(default_factory=AugConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, batch_size=32, lr=4e-3, pos_weight="auto",
-                                                                   monitor="study_auroc", patience=4))
-    """Teacher defaults, sized for ≤ 15 min on 2 CPU cores (13 min measured): batch 32 runs ResNet-50 1.6× faster
-    per image than 16 on CPU, and the high AdamW lr gives a from-scratch ResNet-50 its best chance in ≈ 110 steps
-    per fold.
-    AUROC is a smoother early-stopping signal than κ on a small inner split, and balanced positives keep κ from
-    collapsing to 0 while the model still predicts the majority class."""
+    aug: AugConfig = field(default_factory=lambda: AugConfig(rotate_limit=0.0, rrc_scale_min=1.0,
+                                                             brightness_contrast=0.0))
+    """Horizontal flips only, as in pretraining: crops and rotations can cut a small fracture sign out of a 64-px
+    view and leave a positive label on a normal-looking image (benchmarks/teacher_recipe.md)."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="auto"))
+    """pretrained: auto = the phantom domain weights (`pretrain`) on the synthetic phantom, random init on other
+    data; phantom = those weights on any data; none = random init; else a local weights file."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=2, batch_size=32, lr=1e-4, warmup_epochs=0, schedule_per_step=True, pos_weight=None,
+        monitor="study_auroc", patience=3, checkpoint="last"))
+    """Teacher defaults: fine-tuning from the start weights (phantom domain pretraining by default), sized for
+    ≤ 15 min on 2 CPU cores. A low lr with per-step cosine keeps what pretraining learned; the last epoch is kept
+    because a ~30-study inner split cannot tell the epochs apart; no pos_weight, since the decision threshold is
+    chosen on the inner split instead (eval.threshold_rule). Figures: benchmarks/teacher_recipe.md."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     refit: bool = False
     """Also train one model on the whole CV pool and report it beside the fold-ensemble."""
@@ -162,13 +208,28 @@ class KDConfig:
     """views (cached, replayed) | none (teacher runs online every step)."""
 
 
+@dataclass(frozen=True)
+class StudentPretrainConfig:
+    """Student domain pretraining on the teacher's phantom corpus (kd_fracture/pretraining.py), built once per
+    student architecture and cached, when `student.pretrained` is phantom (or auto and the teacher run started from
+    phantom weights). Two starts, so KD vs no-KD stays a one-variable comparison:
+    KD students: Hinton KD from the phantom-pretrained teacher on the corpus (general distillation, as in
+    DistilBERT, Sanh et al. 2019), then fold-matched KD per fold; no-KD students (α = 0): the same corpus and recipe
+    with hard labels only, then hard labels per fold. No teacher and no CV-pool image is involved in the no-KD start."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=4, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=1, schedule_per_step=True,
+        pos_weight=None, monitor="study_auroc", patience=1000, checkpoint="last"))
+    temperature: float = 4.0
+    alpha: float = 0.7
+    """Weight of the soft term in the KD start (the no-KD start uses 0)."""
+
+
 DEFAULT_SEARCH_SPACE: dict = {
     "kd.temperature": {"type": "float", "low": 1.0, "high": 10.0, "log": True},
     "kd.alpha": {"type": "float", "low": 0.0, "high": 1.0},
-    "train.lr": {"type": "float", "low": 5.0e-4, "high": 5.0e-3, "log": True},
+    "train.lr": {"type": "float", "low": 1.0e-4, "high": 2.0e-3, "log": True},
     "train.weight_decay": {"type": "float", "low": 1.0e-3, "high": 1.0e-1, "log": True},
-    "student.overrides.depth": {"type": "categorical", "choices": [1, 2, 3]},
-    "student.overrides.embed_dim": {"type": "categorical", "choices": [96, 128, 192]},
 }
 """The distillation search space of studies/distill_hybrid.yaml (kept equal to it by tests/test_config.py)."""
 
@@ -211,15 +272,22 @@ class DistillConfig:
     """`python -m kd_fracture.distill`: KD into the hybrid student with an Optuna search."""
 
     teacher_run: str = "runs/teacher_resnet50"
-    student: ModelConfig = field(default_factory=lambda: ModelConfig(name="hybrid_s", in_chans=1, drop_rate=0.1))
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(name="hybrid_s", in_chans=1, drop_rate=0.1,
+                                                                     pretrained="auto"))
+    """pretrained: auto = phantom student pretraining (`pretrain` below) when the teacher run started from phantom
+    weights, random init otherwise; phantom; none. The architecture is fixed by the pretrained weights."""
     kd: KDConfig = field(default_factory=KDConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=6, batch_size=32, lr=2e-3, patience=3,
-                                                                   pos_weight="auto", monitor="study_auroc"))
-    """Final students (3 variants × K folds), sized so the default run fits in 20 minutes on 2 CPU cores; balanced
-    hard-label term and AUROC early stopping for the same reasons as the teacher's defaults."""
+    pretrain: StudentPretrainConfig = field(default_factory=StudentPretrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=4, batch_size=32, lr=5e-4, warmup_epochs=0, schedule_per_step=True, pos_weight=None, patience=3,
+        monitor="study_auroc", checkpoint="last"))
+    """Final students: fine-tuning from the pretrained start per fold, as the teacher does (low lr, per-step cosine,
+    last epoch kept, threshold chosen on the inner split), sized so the default run fits in 20 minutes on 2 CPU cores."""
     search: SearchConfig = field(default_factory=SearchConfig)
-    baselines: tuple = ("no_kd", "timm:mobilevit_xxs")
-    """Extra rows of the comparison table: no_kd = same student with alpha=0; timm:NAME = timm model with KD."""
+    baselines: tuple = ("no_kd",)
+    """Extra rows of the comparison table: no_kd = same student with alpha=0 (hard-label start, hard labels per
+    fold); timm:NAME = a timm model with KD (with its own phantom KD start when the student is pretrained, ≈ 5 more
+    CPU minutes for timm:mobilevit_xxs, so it is not in the 20-minute default)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     latency_threads: int = 1
     """torch CPU threads while timing batch-1 latency (fixed, so rows are comparable across machines' loads)."""

@@ -1,11 +1,12 @@
 """`python -m kd_fracture.cv --folds 5`: patient-grouped K-fold cross-validation of a timm teacher + holdout.
 
 Per fold k (nnU-Net style: one directory per fold, folds are data):
-  train on the other folds' patients minus an inner-validation split (early stopping, checkpoint choice),
-  then score fold k once → fold_k/{checkpoint_best.safetensors, history.csv, oof_predictions.csv, metrics.json, DONE}.
-Aggregate: the K teachers' mean probability on the holdout split (95% bootstrap CIs over studies), tables with
-mean ± std over folds, plots, summary.md. Rerunning the same command resumes; `--fold k` and `--aggregate` split the
-work into independent jobs.
+  train on the other folds' patients minus an inner-validation split (early stopping, checkpoint choice, decision
+  threshold by eval.threshold_rule), then score fold k once, at that threshold and at 0.5 →
+  fold_k/{checkpoint_best.safetensors, history.csv, inner_val_predictions.csv, oof_predictions.csv, metrics.json, DONE}.
+Aggregate: the K teachers' mean probability on the holdout split, scored at the mean fold threshold (95% bootstrap
+CIs over studies) and at 0.5, tables with mean ± std over folds, plots (ROC, PR, calibration, …), summary.md.
+Rerunning the same command resumes; `--fold k` and `--aggregate` split the work into independent jobs.
 """
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from kd_fracture import distributed, engine, io, metrics, reporting
+from kd_fracture import distributed, engine, io, metrics, pretraining, reporting, scoring
 from kd_fracture.config import CVConfig, add_config_args, load_config, overrides_from_args, replace
 from kd_fracture.data.loaders import SharedCache, build_loader, fold_rows, holdout_rows, resolve_folds, resolve_manifest
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.errors import UserError, cli_main
-from kd_fracture.models import count_params, create_model
+from kd_fracture.models import apply_freeze, count_params, create_model
 from kd_fracture.run_dir import RunDir
 
 # CLI flag (argparse dest) → config key. Everything else: --set KEY=VALUE or --config.
@@ -52,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--regenerate-folds", action="store_const", const=True, help="rebuild a stale folds file")
     g = p.add_argument_group("model and training")
     g.add_argument("--model", help="timm model name (resnet50, densenet121, …) or a student (hybrid_s)")
-    g.add_argument("--pretrained", metavar="PATH", help="local weights file (safetensors/pth); never downloaded")
-    g.add_argument("--freeze", choices=["none", "backbone"], help="backbone = train only the classifier head")
+    g.add_argument("--pretrained", metavar="PATH|phantom|auto|none",
+                   help="start weights: a local file (safetensors/pth; never downloaded), phantom (domain "
+                        "pretraining, built once), auto (phantom on the synthetic default, none on --data), none")
+    g.add_argument("--freeze", choices=["none", "backbone", "bn"], help="backbone = train only the classifier head; bn = freeze every BatchNorm")
     g.add_argument("--in-chans", type=int, choices=[1, 3], help="1 = grayscale, 3 = replicated grayscale")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
@@ -113,6 +117,7 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
     for k in folds_to_run or []:
         if k not in ks:
             raise UserError(f"--fold {k}: folds are numbered 0..{cfg.data.folds - 1}")
+    scoring.check_threshold_rule(cfg.eval)
     if not aggregate_only:
         build_model(cfg)  # bad model name, --img-size vs. student stride, --pretrained file: fail before writing
     with distributed.main_first():  # rank 0 may generate the phantom and write the folds file; the others read them
@@ -172,11 +177,18 @@ def train_fold(cfg: CVConfig, manifest: Manifest, folds: pd.DataFrame, k: int | 
             "n_train": len(rows.train), "n_inner_val": len(rows.inner_val)}
     if engine.is_main():
         if k is not None:
-            pred, result = engine.evaluate_rows(model, loader(rows.scored, False), rows.scored, device,
-                                                cfg.train.amp, cfg.eval.threshold)
+            # the inner-val split (never the scored fold) chooses the cut; fold k is scored at it and at 0.5
+            inner, pred, result = scoring.score_fold(model, loader(rows.inner_val, False), rows.inner_val,
+                                                     loader(rows.scored, False), rows.scored, device, cfg.eval,
+                                                     cfg.train.amp)
+            info["threshold"] = result["threshold"]
+            io.write_csv(fold_dir / "inner_val_predictions.csv", inner)
             io.write_csv(fold_dir / "oof_predictions.csv", pred)
             io.write_json(fold_dir / "metrics.json", {"fold": k, **info, **result})
-            engine.log(f"fold {k}: scored fold κ {result['study']['kappa']:.3f}  AUROC {result['study']['auroc']:.3f}")
+            engine.log(f"fold {k}: scored fold κ {result['study']['kappa']:.3f} at threshold "
+                       f"{result['threshold']:.3f} ({cfg.eval.threshold_rule}; κ "
+                       f"{result[scoring.AT_REFERENCE]['study']['kappa']:.3f} at 0.5)  "
+                       f"AUROC {result['study']['auroc']:.3f}")
         else:
             io.write_json(fold_dir / "metrics.json", {"fold": "refit", **info})
         run.mark_done(name, info)
@@ -197,11 +209,20 @@ def checkpoint_intact(run: RunDir, k: int | str) -> bool:
 
 
 def build_model(cfg: CVConfig, pretrained: bool = True) -> torch.nn.Module:
-    """The run's architecture; pretrained=False skips the --pretrained file (a checkpoint will overwrite it)."""
+    """The run's architecture; pretrained=False skips the start weights (a checkpoint will overwrite them).
+
+    Start weights: phantom domain pretraining (built once, `pretraining.py`) loaded whole, head included, since it
+    was trained for this very task and architecture; or a local file (ImageNet) loaded by timm with a fresh head."""
     m = cfg.model
-    return create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, img_size=cfg.data.img_size,
-                        pretrained=m.pretrained if pretrained else None, freeze=m.freeze, drop_rate=m.drop_rate,
-                        **m.overrides)
+    phantom = pretrained and pretraining.uses_phantom_weights(cfg)
+    file = pretraining.weights_file(cfg) if pretrained else None
+    model = create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, img_size=cfg.data.img_size,
+                         pretrained=None if phantom else file, freeze="none" if phantom else m.freeze,
+                         drop_rate=m.drop_rate, **m.overrides)
+    if phantom:
+        engine.load_weights(model, Path(file))
+        model = apply_freeze(model, m.freeze)
+    return model
 
 
 def load_fold_model(cfg: CVConfig, run: RunDir, k: int | str) -> torch.nn.Module:
@@ -233,24 +254,34 @@ def aggregate(cfg: CVConfig, manifest: Manifest, run: RunDir, device: torch.devi
     oof = {k: pd.read_csv(run.fold(k) / "oof_predictions.csv") for k in ks}
     histories = {f"fold {k}": pd.read_csv(run.fold(k) / engine.HISTORY) for k in ks}
 
+    # The ensemble probability is the mean of the members' probabilities, so the mean of their inner-val cuts is
+    # the cut on the same scale; the refit model (no scored fold of its own) uses it too. Runs from before
+    # threshold selection recorded threshold = eval.threshold in each fold's metrics.json.
+    fold_thresholds = [float(fold_results[k].get("threshold", cfg.eval.threshold)) for k in ks]
+    threshold = float(np.mean(fold_thresholds))
     hold = holdout_rows(manifest)
     holdout_results: dict[str, tuple[dict, dict]] = {}
     pred = ensemble_predict(cfg, run, hold, manifest, device, cache)
     io.write_csv(run.holdout / "predictions.csv", pred)
-    holdout_results["fold_ensemble"] = score(cfg, pred)
+    holdout_results["fold_ensemble"] = score(cfg, pred, threshold)
     if run.is_done("refit"):
         refit_pred = ensemble_predict(cfg, run, hold, manifest, device, cache, members=["refit"])
         io.write_csv(run.holdout / "predictions_refit.csv", refit_pred)
-        holdout_results["refit"] = score(cfg, refit_pred)
+        holdout_results["refit"] = score(cfg, refit_pred, threshold)
     io.write_json(run.holdout / "metrics.json",
-                  {name: {**res, "ci95": ci} for name, (res, ci) in holdout_results.items()})
+                  {name: {**res, "fold_thresholds": fold_thresholds, "ci95": ci}
+                   for name, (res, ci) in holdout_results.items()})
     write_reports(cfg, run, fold_results, oof, histories, pred, holdout_results)
 
 
-def score(cfg: CVConfig, pred: pd.DataFrame) -> tuple[dict, dict]:
-    """(metrics.evaluate result, 95% bootstrap CIs over studies) of image predictions, with the run's eval settings."""
-    return (metrics.evaluate(pred, cfg.eval.threshold),
-            metrics.bootstrap_ci(pred, cfg.eval.bootstrap, cfg.train.seed, cfg.eval.threshold))
+def score(cfg: CVConfig, pred: pd.DataFrame, threshold: float | None = None) -> tuple[dict, dict]:
+    """(`scoring.evaluate_at` result, 95% bootstrap CIs over studies) of image predictions at `threshold`
+    (default eval.threshold); the figures at 0.5 get their own CIs under result["at_0.5"]["ci95"]."""
+    threshold = cfg.eval.threshold if threshold is None else threshold
+    result = scoring.evaluate_at(pred, threshold, cfg.eval.threshold_rule)
+    reference = result[scoring.AT_REFERENCE]
+    reference["ci95"] = metrics.bootstrap_ci(pred, cfg.eval.bootstrap, cfg.train.seed, metrics.REFERENCE_THRESHOLD)
+    return result, metrics.bootstrap_ci(pred, cfg.eval.bootstrap, cfg.train.seed, threshold)
 
 
 def write_classification_report(pred: pd.DataFrame, threshold: float, out_dir: Path) -> list[Path]:
@@ -267,8 +298,10 @@ def write_classification_report(pred: pd.DataFrame, threshold: float, out_dir: P
 
 def write_reports(cfg: CVConfig, run: RunDir, fold_results: dict, oof: dict, histories: dict,
                   holdout_pred: pd.DataFrame, holdout_results: dict) -> None:
-    pooled = metrics.evaluate(pd.concat(oof.values(), ignore_index=True), cfg.eval.threshold)
     ensemble = holdout_results["fold_ensemble"][0]
+    threshold = ensemble["threshold"]  # mean of the fold thresholds (aggregate)
+    # pooled OOF: one cut for all folds' studies, the holdout's, so the two per-body-part rows are comparable
+    pooled = metrics.evaluate(pd.concat(oof.values(), ignore_index=True), threshold)
     cv_table = reporting.cv_fold_table(fold_results)
     written = []
     written += reporting.write_table(cv_table, run.tables / "cv_folds", f"{cfg.model.name}: per-fold study-level metrics")
@@ -276,13 +309,17 @@ def write_reports(cfg: CVConfig, run: RunDir, fold_results: dict, oof: dict, his
                                      "Holdout study-level metrics with 95% bootstrap CI")
     written += reporting.write_table(reporting.per_body_part_table({"holdout": ensemble, "cv_pooled_oof": pooled}),
                                      run.tables / "per_body_part", "Study-level metrics per body part")
-    written += write_classification_report(holdout_pred, cfg.eval.threshold, run.holdout)
+    written += write_classification_report(holdout_pred, threshold, run.holdout)
     written += [reporting.plot_roc(oof, holdout_pred, run.plots / "roc.png"),
+                reporting.plot_pr(oof, holdout_pred, run.plots / "pr.png"),
+                reporting.plot_calibration(oof, holdout_pred, run.plots / "calibration.png"),
                 reporting.plot_confusion({"CV pooled OOF": pooled["confusion"], "holdout ensemble": ensemble["confusion"]},
                                          run.plots / "confusion.png"),
                 reporting.plot_curves(histories, run.plots / "curves.png")]
-    written += extra_plots(cfg, run, holdout_pred)
+    written += extra_plots(replace(cfg, **{"eval.threshold": threshold}), run, holdout_pred)
     ci = holdout_results["fold_ensemble"][1]["kappa"]
+    kappa_ref = ensemble[scoring.AT_REFERENCE]["study"]["kappa"]
+    fold_thresholds = [fold_results[k].get("threshold", threshold) for k in sorted(fold_results)]
     md = cv_table.copy()
     summary = "\n".join([
         f"# {cfg.model.name} — {cfg.data.folds}-fold patient-grouped cross-validation",
@@ -292,7 +329,12 @@ def write_reports(cfg: CVConfig, run: RunDir, fold_results: dict, oof: dict, his
         "",
         f"**CV study κ {reporting.mean_pm_std(cv_table['kappa'][:-2])}**, "
         f"study AUROC {reporting.mean_pm_std(cv_table['auroc'][:-2])} (mean ± std over folds).  ",
-        f"**Holdout (fold ensemble) study κ {reporting.ci_text(ci['value'], ci['low'], ci['high'])}** (95% bootstrap CI).",
+        f"**Holdout (fold ensemble) study κ {reporting.ci_text(ci['value'], ci['low'], ci['high'])}** "
+        f"(95% bootstrap CI); κ at 0.5: {kappa_ref:.3f}.  ",
+        f"Holdout calibration: Brier {ensemble['study']['brier']:.3f}, ECE {ensemble['study']['ece']:.3f} "
+        f"(10 bins); AUPRC {ensemble['study']['auprc']:.3f}.",
+        "",
+        reporting.threshold_note(cfg.eval.threshold_rule, fold_thresholds, threshold),
         "",
         "## Per fold", "", md.round(3).to_markdown(index=False), "",
         "## Files", "", reporting.markdown_link_list(run.path, written), "",

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kd_fracture import cv, engine, export, io, reporting, search
+from kd_fracture import cv, engine, export, io, pretraining, reporting, scoring, search
 from kd_fracture.config import (
     CVConfig,
     DistillConfig,
@@ -63,9 +63,9 @@ from kd_fracture.data.loaders import (
     fold_rows,
     resolve_manifest,
 )
+from kd_fracture.engine import DistillTask  # noqa: F401  (re-exported: distill.DistillTask)
 from kd_fracture.errors import ConfigError, UserError, cli_main
-from kd_fracture.losses import kd_loss
-from kd_fracture.models import count_params, create_model
+from kd_fracture.models import apply_freeze, count_params, create_model
 from kd_fracture.models.student import TIMM_PREFIX
 from kd_fracture.run_dir import RunDir, flatten_config, is_runtime_key
 from kd_fracture.teacher_cache import (
@@ -85,30 +85,6 @@ FLAGS = {
     "threads": "train.threads",
 }
 TEACHER_CACHE_MODES = ("views", "none")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the task
-
-
-@dataclass
-class DistillTask:
-    """Hinton KD as an `engine.Task`: L = α·T²·KL(p_t^T ‖ p_s^T) + (1 − α)·CE(y, z_s) (see `losses.kd_loss`).
-
-    `teacher(batch) → (B, C_t)` logits: a `CachedTeacher` (replayed views) or an `OnlineTeacher`; None for α = 0.
-    Mixup is not supported: mixed images have no cached teacher logits.
-    """
-
-    teacher: Callable[[dict], torch.Tensor] | None
-    temperature: float
-    alpha: float
-    pos_weight: float | None = None
-
-    def losses(self, model: nn.Module, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
-        student_logits = model(batch["image"])  # (B, 1) or (B, 2)
-        teacher_logits = self.teacher(batch) if self.teacher is not None and self.alpha > 0 else None
-        return kd_loss(student_logits, teacher_logits, batch["label"], self.temperature,
-                       self.alpha if teacher_logits is not None else 0.0, self.pos_weight)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -230,6 +206,7 @@ def check_config(cfg: DistillConfig) -> dict[str, search.Param]:
         raise ConfigError(f"kd.views={cfg.kd.views}: cache at least one augmented view")
     if cfg.train.mixup > 0 or cfg.train.cutmix > 0:
         raise ConfigError("train.mixup/cutmix: mixed images have no cached teacher logits; set both to 0 for distill")
+    scoring.check_threshold_rule(cfg.eval)
     if cfg.search.n_trials < 1:
         raise ConfigError(f"search.n_trials={cfg.search.n_trials}: need at least 1 (or use --skip-search)")
     for name in cfg.baselines:
@@ -308,14 +285,32 @@ class Distiller:
                             batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
                             seed=self.seed(cfg, k), num_views=cfg.kd.views if train else None, cache=self.images)
 
+    def student_start(self, cfg: DistillConfig) -> Path | None:
+        """The student's phantom-pretrained start (KD start for α > 0, hard-label start for α = 0), None = random."""
+        if not pretraining.uses_phantom_student(cfg, self.teacher.cfg):
+            return None
+        return pretraining.ensure_student_weights(cfg, self.teacher.cfg, kd=cfg.kd.alpha > 0)
+
     def build_student(self, cfg: DistillConfig) -> nn.Module:
         s = cfg.student
-        return create_model(s.name, num_classes=s.num_classes, in_chans=s.in_chans, img_size=self.data.img_size,
-                            pretrained=s.pretrained, freeze=s.freeze, drop_rate=s.drop_rate, **s.overrides)
+        start = self.student_start(cfg)
+        file = None if start or s.pretrained in (*pretraining.NONE_VALUES, pretraining.AUTO) else s.pretrained
+        model = create_model(s.name, num_classes=s.num_classes, in_chans=s.in_chans, img_size=self.data.img_size,
+                             pretrained=file, freeze="none" if start else s.freeze, drop_rate=s.drop_rate,
+                             **s.overrides)
+        if start is not None:
+            engine.load_weights(model, start)
+            model = apply_freeze(model, s.freeze)
+        return model
 
     def train_fold(self, cfg: DistillConfig, k: int, out_dir: Path, epochs: int, name: str
                    ) -> tuple[nn.Module, pd.DataFrame, dict, dict]:
-        """Train fold k's student into out_dir, score fold k once → (model, oof predictions, metrics, info)."""
+        """Train fold k's student into out_dir, score fold k once → (model, oof predictions, metrics, info).
+
+        As for a teacher fold (`scoring.score_fold`): fold k's inner-val split chooses the decision threshold
+        (eval.threshold_rule; its predictions → out_dir/inner_val_predictions.csv) and fold k is scored at it and
+        at 0.5; the trial objective (search.metric) is read at the chosen threshold.
+        """
         rows = self.rows(k)
         seed = self.seed(cfg, k)
         engine.seed_everything(seed)
@@ -325,8 +320,10 @@ class Distiller:
         fit = engine.fit(model, task, self.loader(cfg, rows.train, k, True), self.loader(cfg, rows.inner_val, k, False),
                          rows.inner_val, replace(cfg.train, seed=seed, epochs=epochs), out_dir, name=name,
                          device=self.device, epoch_callback=self.clock.tick)
-        pred, result = engine.evaluate_rows(model, self.loader(cfg, rows.scored, k, False), rows.scored, self.device,
-                                            cfg.train.amp, cfg.eval.threshold)
+        inner, pred, result = scoring.score_fold(model, self.loader(cfg, rows.inner_val, k, False), rows.inner_val,
+                                                 self.loader(cfg, rows.scored, k, False), rows.scored, self.device,
+                                                 cfg.eval, cfg.train.amp)
+        io.write_csv(out_dir / "inner_val_predictions.csv", inner)
         info = {"best_epoch": fit.best_epoch, f"inner_val_{cfg.train.monitor}": fit.best_score,
                 "epochs_run": len(fit.history), "params": count_params(model), "n_train": len(rows.train),
                 "n_inner_val": len(rows.inner_val), "kd": {"temperature": cfg.kd.temperature, "alpha": cfg.kd.alpha,
@@ -351,9 +348,11 @@ class Distiller:
         train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("device", "threads", "eval_batch_size")}
         return {"teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)],
                 "manifest_sha256": self.manifest.sha256(), "img_size": self.data.img_size,
-                "student": to_dict(cfg.student), "train": train,
+                "student": to_dict(cfg.student), "student_pretrain": to_dict(cfg.pretrain), "train": train,
                 "kd": {"temperature": cfg.kd.temperature, "alpha": cfg.kd.alpha, "views": cfg.kd.views},
                 "metric": cfg.search.metric, "folds": self.search_folds(), "epochs": self.search_epochs(),
+                # the objective's κ/F1/… are read at the cut this rule chooses on each fold's inner-val split
+                "threshold": {"rule": cfg.eval.threshold_rule, "fixed": cfg.eval.threshold},
                 "space": space}
 
     def score_trial_fold(self, trial: optuna.Trial, params: dict, k: int) -> float:
@@ -423,6 +422,7 @@ class Distiller:
         stamp = search.jsonable({
             "config": {k: v2 for k, v2 in flatten_config(to_dict(vcfg)).items() if not is_runtime_key(k)},
             "kd": {"temperature": v.cfg.kd.temperature, "alpha": v.cfg.kd.alpha, "views": v.cfg.kd.views},
+            "student_start": str(self.student_start(v.cfg) or "random init"),
             "teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)]})
         stamp_path = run.path / "variant.json"
         if stamp_path.exists() and io.read_json(stamp_path) != stamp:
@@ -443,8 +443,10 @@ class Distiller:
             _, pred, result, info = self.train_fold(v.cfg, k, run.fold(k), v.cfg.train.epochs, f"{v.name} fold {k}: ")
             io.write_csv(run.fold(k) / "oof_predictions.csv", pred)
             io.write_json(run.fold(k) / "metrics.json", {"fold": k, **info, **result})
-            run.mark_done(k, {k2: info[k2] for k2 in ("best_epoch", "epochs_run", "params")})
-            engine.log(f"{v.name} fold {k}: scored fold κ {result['study']['kappa']:.3f}  "
+            run.mark_done(k, {**{k2: info[k2] for k2 in ("best_epoch", "epochs_run", "params")},
+                              "threshold": result["threshold"]})
+            engine.log(f"{v.name} fold {k}: scored fold κ {result['study']['kappa']:.3f} at threshold "
+                       f"{result['threshold']:.3f} (κ {result[scoring.AT_REFERENCE]['study']['kappa']:.3f} at 0.5)  "
                        f"AUROC {result['study']['auroc']:.3f}")
         if not run.summary.exists():
             cv.aggregate(vcfg, self.manifest, run, self.device, self.images)
@@ -647,9 +649,15 @@ def write_summary(d: Distiller, cfg: DistillConfig, params: dict, table: pd.Data
              f"({cfg.kd.teacher_cache}); {elapsed / 60:.1f} min.")
     chosen = ", ".join(f"`{k}` = {_fmt(v)}" for k, v in params.items())
     best_line = f"Best parameters: {chosen or '(config defaults)'}"
+    if cfg.eval.threshold_rule == "fixed":
+        cut = f"κ and F1 at the fixed threshold {cfg.eval.threshold:g}."
+    else:
+        cut = (f"κ and F1 at each fold's threshold chosen by `{cfg.eval.threshold_rule}` on its inner-validation "
+               "split (teachers: the teacher run's rule), the holdout ensemble at the mean of its folds' "
+               "thresholds; each variant's tables/ also give them at 0.5, and its Brier, ECE and AUPRC.")
     notes = ("CV numbers are means ± std over the scored folds; holdout = fold ensemble with 95% bootstrap CI over "
              f"studies. Latency: median of 20 batch-1 CPU forward passes after warm-up with {cfg.latency_threads} "
-             "torch thread(s); FLOPs from torch's flop counter (1 MAC = 2 FLOPs) at batch 1.")
+             f"torch thread(s); FLOPs from torch's flop counter (1 MAC = 2 FLOPs) at batch 1. {cut}")
     caveat = ("**Caveat:** the search chose its parameters by the mean scored-fold metric, so the CV numbers of the "
               "KD student are optimistically biased (selection on the same folds); the holdout, never used by the "
               "teachers, the search or early stopping, is the unbiased estimate.")

@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 from kd_fracture import distributed, io, metrics
 from kd_fracture.config import TrainConfig
 from kd_fracture.errors import UserError
-from kd_fracture.losses import classification_loss, positive_prob
+from kd_fracture.losses import classification_loss, kd_loss, positive_prob
 
 BEST = "checkpoint_best.safetensors"
 LAST = "state_last.pt"
 HISTORY = "history.csv"
+CHECKPOINT_CHOICES = ("best", "last")
 
 
 class TrainingError(UserError):
@@ -73,6 +74,26 @@ class SupervisedTask:
         ce = classification_loss(logits, y, kind=self.loss, pos_weight=self.pos_weight,
                                  label_smoothing=self.label_smoothing)
         return {"loss": ce, "ce": ce}
+
+
+@dataclass
+class DistillTask:
+    """Hinton KD as an `engine.Task`: L = α·T²·KL(p_t^T ‖ p_s^T) + (1 − α)·CE(y, z_s) (see `losses.kd_loss`).
+
+    `teacher(batch) → (B, C_t)` logits: a `CachedTeacher` (replayed views) or an `OnlineTeacher`; None for α = 0.
+    Mixup is not supported: mixed images have no cached teacher logits.
+    """
+
+    teacher: Callable[[dict], torch.Tensor] | None
+    temperature: float
+    alpha: float
+    pos_weight: float | None = None
+
+    def losses(self, model: nn.Module, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
+        student_logits = model(batch["image"])  # (B, 1) or (B, 2)
+        teacher_logits = self.teacher(batch) if self.teacher is not None and self.alpha > 0 else None
+        return kd_loss(student_logits, teacher_logits, batch["label"], self.temperature,
+                       self.alpha if teacher_logits is not None else 0.0, self.pos_weight)
 
 
 def resolve_pos_weight(value: float | str | None, labels) -> float | None:
@@ -271,9 +292,13 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
         model.to(memory_format=torch.channels_last)  # 2 cores, batch 32: 33 vs 31 img/s; batch 16: 25 vs 20)
     optimizer = create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **({"momentum": 0.9} if cfg.optimizer == "sgd" else {}))
+    if cfg.checkpoint not in CHECKPOINT_CHOICES:
+        raise UserError(f"train.checkpoint={cfg.checkpoint!r}: choose one of {', '.join(CHECKPOINT_CHOICES)}")
+    steps_per_epoch = len(train_loader)
     scheduler, _ = create_scheduler_v2(optimizer, sched="step" if cfg.scheduler == "step" else "cosine",
                                        num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr,
-                                       warmup_lr=cfg.lr * 0.1, decay_epochs=cfg.step_epochs, decay_rate=0.1)
+                                       warmup_lr=cfg.lr * 0.1, decay_epochs=cfg.step_epochs, decay_rate=0.1,
+                                       step_on_epochs=not cfg.schedule_per_step, updates_per_epoch=steps_per_epoch)
     if cfg.scheduler == "none":
         scheduler = None
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
@@ -300,8 +325,9 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
             start_epoch, best_score, best_epoch, bad_epochs, history = 0, -math.inf, -1, 0, []
             if is_main():  # a best checkpoint of the abandoned run must not stand in for this run's
                 remove_checkpoint(out_dir / BEST)
-    if scheduler is not None:
+    if scheduler is not None:  # the lr the uninterrupted run had at this point (per-step: its update count)
         scheduler.step(start_epoch)
+        scheduler.step_update(start_epoch * steps_per_epoch)
 
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs):
@@ -311,13 +337,16 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
         t0 = time.perf_counter()
         seed_everything(epoch_seed(cfg.seed, epoch))
         set_epoch(train_loader, epoch, epoch_seed(cfg.seed + 1, epoch))
-        parts = train_one_epoch(train_model, task, train_loader, optimizer, scaler, cfg, device, epoch, name)
+        parts = train_one_epoch(train_model, task, train_loader, optimizer, scaler, cfg, device, epoch, name,
+                                scheduler=scheduler if cfg.schedule_per_step else None)
         distributed.broadcast_buffers(unwrap(model))  # same BatchNorm statistics → same inner-val score on every rank
         if scheduler is not None:
             scheduler.step(epoch + 1)
         _, result = evaluate_rows(model, val_loader, val_rows, device, cfg.amp, channels_last=cfg.channels_last)
         score = metrics.monitor_value(result, cfg.monitor)
-        improved = score > best_score
+        # checkpoint=last: every epoch "improves", so the kept weights are the final epoch's and patience never ends
+        # the run early; best_score/best_epoch then describe the last epoch
+        improved = score > best_score or cfg.checkpoint == "last"
         if improved:
             best_score, best_epoch, bad_epochs = score, epoch, 0
             if is_main():
@@ -350,13 +379,13 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
 
 
 def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, scaler, cfg: TrainConfig,
-                    device: torch.device, epoch: int, name: str = "") -> dict[str, float]:
-    """One pass over `loader`; returns the mean of every loss part."""
+                    device: torch.device, epoch: int, name: str = "", scheduler=None) -> dict[str, float]:
+    """One pass over `loader`; returns the mean of every loss part. `scheduler`: timm scheduler updated per step."""
     model.train()
     totals: dict[str, float] = {}
     n = 0
     bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}", leave=False, disable=not show_progress())
-    for batch in bar:
+    for step, batch in enumerate(bar):
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         if cfg.channels_last:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
@@ -373,6 +402,8 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, scaler, cfg
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step_update(epoch * len(loader) + step + 1)
         bs = len(batch["image"])
         n += bs
         for k, v in parts.items():

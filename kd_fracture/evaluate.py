@@ -8,7 +8,11 @@ the holdout's shape (DESIGN §6, §8):
 
     predictions.csv  metrics.json  classification_report.{txt,csv}  summary.md
     tables/  metrics.{csv,md,tex} (study-level, 95% bootstrap CI)  per_body_part.*  members.* (each fold model)
-    plots/   roc.png  confusion.png  sample_predictions.png  gradcam_examples.png
+    plots/   roc.png  pr.png  calibration.png  confusion.png  sample_predictions.png  gradcam_examples.png
+
+κ, sensitivity, specificity and F1 are at the run's threshold (`predict.load_run_models`: the mean of the fold
+thresholds chosen on the inner-validation splits, or fold k's for `--fold k`; each member alone at its own) and at
+0.5 (`at_0.5`, `@0.5` rows and columns).
 
     python -m kd_fracture.evaluate --run runs/teacher_resnet50 --data /data/MURA
     python -m kd_fracture.evaluate --run runs/teacher_resnet50 --model student --data /data/fractures --split holdout
@@ -23,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kd_fracture import cv, engine, io, metrics, reporting
+from kd_fracture import cv, engine, io, reporting, scoring
 from kd_fracture.config import replace
 from kd_fracture.data.loaders import SharedCache
 from kd_fracture.data.manifest import SPLITS, Manifest, load_manifest
@@ -72,10 +76,13 @@ def evaluate_dataset(models: RunModels, manifest: Manifest, split: str, out: Pat
     name = "fold_ensemble" if len(models.members) > 1 else f"fold_{models.members[0]}"
     result, ci = cv.score(cfg, pred)
     member_pred = {k: pred.assign(prob=pred[f"prob_fold{k}"]) for k in models.members}
-    member_results = {k: metrics.evaluate(p, cfg.eval.threshold) for k, p in member_pred.items()}
+    member_cut = {k: scoring.fold_threshold(models.run.path, k) for k in models.members}  # None: not recorded
+    member_results = {k: scoring.evaluate_at(p, cfg.eval.threshold if member_cut[k] is None else member_cut[k],
+                                             cfg.eval.threshold_rule) for k, p in member_pred.items()}
     report = {"run": str(models.run.path), "model": models.description, "dataset": manifest.name,
               "data_root": str(manifest.root), "source": manifest.source, "split": split,
-              "manifest_sha256": manifest.sha256(), name: {**result, "ci95": ci},
+              "manifest_sha256": manifest.sha256(), "threshold_source": models.threshold_source,
+              name: {**result, "ci95": ci},
               "members": {str(k): r for k, r in member_results.items()}}
 
     io.write_csv(out / "predictions.csv", pred)
@@ -89,6 +96,8 @@ def evaluate_dataset(models: RunModels, manifest: Manifest, split: str, out: Pat
     written += reporting.write_table(members_table, out / "tables" / "members",
                                      f"{manifest.name}: each fold model alone")
     written += [reporting.plot_roc(member_pred if len(member_pred) > 1 else {}, pred, out / "plots" / "roc.png"),
+                reporting.plot_pr(member_pred if len(member_pred) > 1 else {}, pred, out / "plots" / "pr.png"),
+                reporting.plot_calibration({}, pred, out / "plots" / "calibration.png"),
                 reporting.plot_confusion({f"{manifest.name} ({name})": result["confusion"]},
                                          out / "plots" / "confusion.png")]
     from kd_fracture.explain import example_plots  # Grad-CAM needs the optional grad-cam package
@@ -110,7 +119,10 @@ def write_summary(out: Path, report: dict, name: str, members_table: pd.DataFram
         "",
         f"**Study κ {reporting.ci_text(ci['kappa']['value'], ci['kappa']['low'], ci['kappa']['high'])}**, "
         f"study AUROC {reporting.ci_text(ci['auroc']['value'], ci['auroc']['low'], ci['auroc']['high'])} "
-        f"(95% bootstrap CI over studies); image AUROC {res['image']['auroc']:.3f}.",
+        f"(95% bootstrap CI over studies); image AUROC {res['image']['auroc']:.3f}.  ",
+        f"Threshold {res['threshold']:.3f} ({report['threshold_source']}); κ at 0.5: "
+        f"{res[scoring.AT_REFERENCE]['study']['kappa']:.3f}. Calibration: Brier {res['study']['brier']:.3f}, "
+        f"ECE {res['study']['ece']:.3f}; AUPRC {res['study']['auprc']:.3f}.",
         "",
         "## Per body part", "", per_part.round(3).to_markdown(index=False), "",
         "## Each fold model alone", "", members_table.round(3).to_markdown(index=False), "",

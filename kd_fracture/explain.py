@@ -28,6 +28,7 @@ import torch
 from kd_fracture import engine, io
 from kd_fracture.config import CVConfig, DataConfig
 from kd_fracture.data.dataset import XrayDataset
+from kd_fracture.data.loaders import phantom_root
 from kd_fracture.data.manifest import detect_source
 from kd_fracture.errors import DataError, cli_main
 from kd_fracture.losses import positive_prob
@@ -59,7 +60,7 @@ def grad_cam(model: torch.nn.Module, images: torch.Tensor,
     """
     from pytorch_grad_cam import GradCAM
 
-    cam = GradCAM(model=model, target_layers=[layer or grad_cam_target_layer(model)])
+    cam = GradCAM(model=model, target_layers=[layer or grad_cam_target_layer(model, images.shape[-1])])
     try:
         images = images.detach().clone().requires_grad_(True)
         maps = cam(input_tensor=images, targets=[PositiveLogit()] * len(images))
@@ -184,10 +185,7 @@ def data_root(data: DataConfig) -> Path:
     """The data root of a run's config (image paths are relative to it) without reloading the manifest."""
     if data.root is not None:
         return detect_source(Path(data.root))[1]
-    from kd_fracture.data.synthetic import ensure_default_phantom
-
-    ph = data.phantom
-    return ensure_default_phantom(ph.cache_dir, patients=ph.patients, size=ph.size, seed=ph.seed)
+    return phantom_root(data.phantom)
 
 
 def run_plots(cfg: CVConfig, run: RunDir, holdout_pred: pd.DataFrame) -> list[Path]:

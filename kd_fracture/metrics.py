@@ -2,6 +2,8 @@
 
 MURA's metric (Rajpurkar et al. 2017) is study-level: a study's probability is the mean of its images'
 probabilities, its prediction is `prob >= threshold`, and agreement with the radiologists' label is Cohen's κ.
+The threshold is 0.5 or one chosen on the inner-validation split (`choose_threshold`); calibration (Brier, ECE)
+and AUPRC do not depend on it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,17 @@ STUDY_METRICS = ("kappa", "auroc", "accuracy", "sensitivity", "specificity", "pr
 """Study-level metrics, in table order."""
 
 MONITORS = ("study_kappa", "study_auroc", "image_auroc")
+
+PROB_METRICS = ("brier", "ece", "auprc")
+"""Threshold-free metrics of the probabilities (calibration and precision–recall), at study and image level."""
+
+THRESHOLD_RULES = ("fixed", "youden", "max_kappa")
+"""`eval.threshold_rule` values; see `choose_threshold`."""
+
+REFERENCE_THRESHOLD = 0.5
+"""The conventional cut every result is also reported at (key `at_0.5`), whatever threshold was chosen."""
+
+ECE_BINS = 10
 
 
 def binary_metrics(y_true, prob, threshold: float = 0.5) -> dict[str, float]:
@@ -53,11 +66,101 @@ def study_table(pred: pd.DataFrame) -> pd.DataFrame:
     return studies
 
 
+def expected_calibration_error(y_true, prob, n_bins: int = ECE_BINS) -> float:
+    """ECE = Σ_b (n_b / N) · |acc_b − conf_b| over `n_bins` equal-width bins of the predicted probability.
+
+    Bin b holds the predictions with b/B ≤ p < (b+1)/B (the last bin also p = 1); conf_b = mean predicted probability
+    of the positive class in the bin, acc_b = fraction of positives in it; empty bins add nothing. 0 = perfectly
+    calibrated. Naeini, Cooper & Hauskrecht 2015 (AAAI), "Obtaining well calibrated probabilities using Bayesian
+    binning"; Guo et al. 2017 (ICML), "On calibration of modern neural networks". NaN for no predictions.
+    """
+    y = np.asarray(y_true, dtype=float)
+    p = np.asarray(prob, dtype=float)
+    if len(p) == 0:
+        return float("nan")
+    b = np.minimum(np.floor(p * n_bins).astype(int), n_bins - 1)  # (N,) bin index; p = 1 goes to the last bin
+    n_b = np.bincount(b, minlength=n_bins)  # (B,)
+    sum_y = np.bincount(b, weights=y, minlength=n_bins)
+    sum_p = np.bincount(b, weights=p, minlength=n_bins)
+    # Σ_b (n_b/N)·|acc_b − conf_b| = Σ_b |Σ_{i∈b} y_i − Σ_{i∈b} p_i| / N
+    return float(np.abs(sum_y - sum_p).sum() / len(p))
+
+
+def reliability_bins(y_true, prob, n_bins: int = ECE_BINS) -> pd.DataFrame:
+    """Per equal-width bin (as in `expected_calibration_error`): lower/upper edge, count n, conf (mean p), acc
+    (positive rate); conf and acc are NaN for empty bins. The reliability diagram's data."""
+    y = np.asarray(y_true, dtype=float)
+    p = np.asarray(prob, dtype=float)
+    b = np.minimum(np.floor(p * n_bins).astype(int), n_bins - 1)
+    n = np.bincount(b, minlength=n_bins).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(b, weights=p, minlength=n_bins) / n
+        acc = np.bincount(b, weights=y, minlength=n_bins) / n
+    edges = np.arange(n_bins + 1) / n_bins
+    return pd.DataFrame({"low": edges[:-1], "high": edges[1:], "n": n.astype(int), "conf": conf, "acc": acc})
+
+
+def prob_metrics(y_true, prob) -> dict[str, float]:
+    """Brier score mean((p − y)²) (Brier 1950), ECE (`expected_calibration_error`) and AUPRC (sklearn's
+    average precision, AP = Σ_n (R_n − R_{n−1}) · P_n). NaN where undefined: all three with no predictions,
+    AUPRC with no positive."""
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(prob, dtype=float)
+    nan = float("nan")
+    if len(y) == 0:
+        return {"brier": nan, "ece": nan, "auprc": nan}
+    return {"brier": float(skm.brier_score_loss(y, p, pos_label=1)),
+            "ece": expected_calibration_error(y, p),
+            "auprc": float(skm.average_precision_score(y, p)) if (y == 1).any() else nan}
+
+
+def choose_threshold(pred: pd.DataFrame, rule: str, fixed: float = 0.5) -> float:
+    """The study-level decision threshold t (predict abnormal iff study prob ≥ t) that `rule` picks on `pred`.
+
+    `pred` holds image predictions (study_id, body_part, label, prob), usually of the inner-validation split; the
+    rule works on `study_table(pred)` (study prob = mean of its images), the level MURA is scored at.
+      fixed      t = `fixed`.
+      youden     maximise Youden's J = sensitivity + specificity − 1 = TPR − FPR (Youden 1950, "Index for rating
+                 diagnostic tests", Cancer 3:32–35) over sklearn's `roc_curve` thresholds (every distinct study
+                 probability; its leading +inf, which predicts nothing positive, is dropped).
+      max_kappa  maximise Cohen's κ = (p_o − p_e) / (1 − p_e) (Cohen 1960) over the distinct study probabilities.
+    Ties go to the candidate closest to 0.5 (the lower one if two are equally close), so a flat optimum keeps the
+    conventional cut. Degenerate inputs — fewer than 2 studies or only one class — carry no information about a
+    cut, so the result is `fixed`.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLD_RULES}")
+    if rule == "fixed" or len(pred) == 0:
+        return float(fixed)
+    studies = study_table(pred)
+    y = studies["label"].to_numpy(int) == 1
+    p = studies["prob"].to_numpy(float)
+    if len(y) < 2 or y.all() or not y.any():
+        return float(fixed)
+    if rule == "youden":
+        fpr, tpr, thresholds = skm.roc_curve(y, p, drop_intermediate=False)  # every distinct p, decreasing
+        candidates, score = thresholds[1:], (tpr - fpr)[1:]
+    else:
+        candidates = np.unique(p)  # (C,) ascending
+        hit = p[None, :] >= candidates[:, None]  # (C, n) prediction of every study at every candidate
+        n, n_pos, n_neg = len(y), y.sum(), (~y).sum()
+        tp, fp = (hit & y).sum(1), (hit & ~y).sum(1)
+        tn, fn = n_neg - fp, n_pos - tp
+        p_o = (tp + tn) / n
+        p_e = ((tp + fp) * n_pos + (tn + fn) * n_neg) / n**2  # < 1 because both classes are present
+        score = (p_o - p_e) / (1 - p_e)
+    order = np.argsort(candidates, kind="stable")  # ascending, so argmin below prefers the lower of two equals
+    candidates, score = candidates[order], score[order]
+    best = candidates[np.isclose(score, score.max(), rtol=0.0, atol=1e-12)]
+    return float(best[np.argmin(np.abs(best - REFERENCE_THRESHOLD))])
+
+
 def evaluate(pred: pd.DataFrame, threshold: float = 0.5) -> dict:
     """All metrics of DESIGN §6 from image-level predictions.
 
-    Returns {"n_images", "n_studies", "image": {"auroc"}, "study": {kappa, auroc, ...},
-             "per_body_part": {part: {n_studies, kappa, ...}}, "confusion": [[tn, fp], [fn, tp]]}.
+    Returns {"n_images", "n_studies", "threshold", "image": {auroc, brier, ece, auprc},
+             "study": {kappa, auroc, ..., brier, ece, auprc}, "per_body_part": {part: {n_studies, kappa, ...}},
+             "confusion": [[tn, fp], [fn, tp]]}; brier/ece/auprc are threshold-free (`prob_metrics`).
     """
     studies = study_table(pred)
     image_auroc = (float(skm.roc_auc_score(pred["label"], pred["prob"]))
@@ -72,8 +175,9 @@ def evaluate(pred: pd.DataFrame, threshold: float = 0.5) -> dict:
         "n_images": int(len(pred)),
         "n_studies": int(len(studies)),
         "threshold": threshold,
-        "image": {"auroc": image_auroc},
-        "study": binary_metrics(studies["label"], studies["prob"], threshold),
+        "image": {"auroc": image_auroc, **prob_metrics(pred["label"], pred["prob"])},
+        "study": {**binary_metrics(studies["label"], studies["prob"], threshold),
+                  **prob_metrics(studies["label"], studies["prob"])},
         "per_body_part": per_part,
         "confusion": confusion,
     }

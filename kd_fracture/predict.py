@@ -8,7 +8,9 @@ transform, its `fold_<k>/checkpoint_best.safetensors` the weights; the training 
     python -m kd_fracture.predict --run runs/teacher_resnet50 --model student --fold 0 scans/ --out preds.csv
 
 Image probability = mean of the fold models' probabilities (the same fold-ensemble as `holdout/predictions.csv`);
-study probability = mean of its images' probabilities, prediction = prob ≥ eval.threshold (MURA's rule, DESIGN §6).
+study probability = mean of its images' probabilities, prediction = prob ≥ the run's threshold: the one fold k chose
+on its inner-validation split (`--fold k`), or the mean of the folds' (the ensemble, as on the holdout), read from
+fold_<k>/metrics.json; eval.threshold (0.5) when the run has none recorded (e.g. a copy with checkpoints only).
 A missing, non-image or corrupt input is reported and skipped; the others are still predicted, and the exit code
 is 2 if any input failed.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kd_fracture import cv, engine, io, metrics
+from kd_fracture import cv, engine, io, metrics, scoring
 from kd_fracture.config import CVConfig, ModelConfig, from_dict, read_yaml, replace
 from kd_fracture.data.imageio import IMAGE_SUFFIXES, read_grayscale
 from kd_fracture.data.loaders import SharedCache
@@ -61,6 +63,8 @@ class RunModels:
     role: str
     description: str
     """For people: "teacher resnet50 (fold ensemble of 5)", "student hybrid_s (distill/s1/final/kd, fold 0)"."""
+    threshold_source: str = "eval.threshold"
+    """Where cfg.eval.threshold comes from, for people (`load_run_models` sets the run's recorded threshold)."""
 
     def load(self, member: int | str) -> torch.nn.Module:
         try:
@@ -108,8 +112,13 @@ def load_run_models(run_path: str | Path, model: str = "teacher", fold: int | st
         raise UserError(f"{where.path}: no {engine.BEST} for fold(s) {missing} (found: {', '.join(have) or 'none'}); "
                         f"{hint}")
     scope = f"fold {fold}" if fold is not None else f"fold ensemble of {len(members)}"
+    threshold, source = scoring.run_threshold(where.path, members, cfg.data.folds), "eval.threshold"
+    if threshold is not None:
+        cfg = replace(cfg, **{"eval.threshold": threshold})
+        one = len(members) == 1 and members[0] != "refit"
+        source = f"fold {members[0]}'s threshold" if one else "mean of the fold thresholds"
     return RunModels(cfg=dataclasses.replace(cfg, model=model_cfg), run=where, members=tuple(members), role=model,
-                     description=f"{what} ({scope})")
+                     description=f"{what} ({scope})", threshold_source=source)
 
 
 def student_location(run: RunDir, study: str | None, variant: str | None) -> tuple[RunDir, ModelConfig, str]:
@@ -356,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     studies = study_predictions(pred, models.cfg.eval.threshold)
     print(show(pred[["path", "prob", "prediction", "true_label"]]))
     if len(studies):
-        print(f"\nstudy level (mean of the study's image probabilities, abnormal if ≥ {models.cfg.eval.threshold}):")
+        print(f"\nstudy level (mean of the study's image probabilities, abnormal if ≥ "
+              f"{models.cfg.eval.threshold:.4g}, {models.threshold_source}):")
         print(show(studies))
     if args.out is not None:
         failed = pd.DataFrame({"path": [g for g, _ in problems], "error": [m for _, m in problems]})

@@ -10,13 +10,19 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from kd_fracture import io  # noqa: E402
-from kd_fracture.metrics import STUDY_METRICS, study_table  # noqa: E402
+from kd_fracture.metrics import (ECE_BINS, PROB_METRICS, STUDY_METRICS, prob_metrics, reliability_bins,  # noqa: E402
+                                 study_table)
 
 METRIC_LABELS = {"kappa": "κ", "auroc": "AUROC", "accuracy": "Acc", "sensitivity": "Sens", "specificity": "Spec",
-                 "precision": "Prec", "f1": "F1", "image_auroc": "Image AUROC"}
+                 "precision": "Prec", "f1": "F1", "image_auroc": "Image AUROC", "brier": "Brier", "ece": "ECE",
+                 "auprc": "AUPRC"}
+REFERENCE_METRICS = ("kappa", "sensitivity", "specificity", "f1")
+"""Threshold-dependent metrics also tabulated at 0.5 (`<metric>@0.5` columns / rows) beside the chosen cut."""
+THRESHOLD_RULE_TEXT = {"fixed": "a fixed cut", "youden": "maximal Youden's J = sensitivity + specificity − 1",
+                       "max_kappa": "maximal study κ"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -59,22 +65,62 @@ def write_table(df: pd.DataFrame, stem: str | Path, caption: str = "", digits: i
 
 
 def cv_fold_table(fold_results: Mapping[int, dict]) -> pd.DataFrame:
-    """One row per fold (study-level metrics + image AUROC), then mean and std rows."""
-    rows = [{"fold": str(k), "n_studies": r["n_studies"], **{m: r["study"][m] for m in STUDY_METRICS},
-             "image_auroc": r["image"]["auroc"]} for k, r in sorted(fold_results.items())]
+    """One row per fold, then mean and std rows: the decision threshold, the study-level metrics at it, brier, ece,
+    auprc, image AUROC and κ/sensitivity/specificity/F1 at 0.5 (`kappa@0.5`, …; NaN for results without them)."""
+    nan = float("nan")
+    rows = []
+    for k, r in sorted(fold_results.items()):
+        at_ref = r.get("at_0.5", {}).get("study", {})
+        rows.append({"fold": str(k), "n_studies": r["n_studies"], "threshold": r.get("threshold", nan),
+                     **{m: r["study"][m] for m in STUDY_METRICS},
+                     **{m: r["study"].get(m, nan) for m in PROB_METRICS},
+                     "image_auroc": r["image"]["auroc"],
+                     **{f"{m}@0.5": at_ref.get(m, nan) for m in REFERENCE_METRICS}})
     return with_mean_std(pd.DataFrame(rows), "fold")
 
 
 def holdout_table(results: Mapping[str, tuple[dict, dict]]) -> pd.DataFrame:
-    """results: model name → (evaluate() result, bootstrap_ci() result). Long form: model, metric, value, CI."""
+    """results: model name → (evaluate() result, bootstrap_ci() result), as `cv.score` returns them.
+
+    Long form: model, metric, value, CI. Rows: the threshold, the study metrics at it (95% CI), study and image
+    brier/ece/auprc and image AUROC (value only), then `study_<m>@0.5` for κ, sensitivity, specificity, F1 (with the
+    CI when the result carries `at_0.5.ci95`).
+    """
+    nan = float("nan")
     rows = []
     for model, (res, ci) in results.items():
+        rows.append({"model": model, "metric": "threshold", "value": res.get("threshold", nan),
+                     "ci_low": nan, "ci_high": nan})
         for m in STUDY_METRICS:
             rows.append({"model": model, "metric": f"study_{m}", "value": ci[m]["value"],
                          "ci_low": ci[m]["low"], "ci_high": ci[m]["high"]})
+        for level in ("study", "image"):
+            for m in PROB_METRICS:
+                rows.append({"model": model, "metric": f"{level}_{m}", "value": res[level].get(m, nan),
+                             "ci_low": nan, "ci_high": nan})
         rows.append({"model": model, "metric": "image_auroc", "value": res["image"]["auroc"],
-                     "ci_low": np.nan, "ci_high": np.nan})
+                     "ci_low": nan, "ci_high": nan})
+        at_ref = res.get("at_0.5", {})
+        ref_ci = at_ref.get("ci95", {})
+        for m in REFERENCE_METRICS:
+            band = ref_ci.get(m, {})
+            rows.append({"model": model, "metric": f"study_{m}@0.5", "value": at_ref.get("study", {}).get(m, nan),
+                         "ci_low": band.get("low", nan), "ci_high": band.get("high", nan)})
     return pd.DataFrame(rows)
+
+
+def threshold_note(rule: str, fold_thresholds: Iterable[float], threshold: float, what: str = "fold ensemble") -> str:
+    """One Markdown sentence for summary.md: which rule chose the cut on which data, and where 0.5 is reported."""
+    folds = ", ".join(f"{t:.3f}" for t in fold_thresholds)
+    if rule == "fixed":
+        head = (f"Decision threshold: fixed at {threshold:.3f} (`eval.threshold_rule: fixed`) for every fold and "
+                f"the {what}.")
+    else:
+        head = (f"Decision threshold: `eval.threshold_rule: {rule}` ({THRESHOLD_RULE_TEXT.get(rule, rule)}) on each "
+                f"fold's inner-validation split (folds: {folds}; a split with one class keeps eval.threshold), "
+                f"applied to that fold's scored studies; the holdout {what} uses their mean, {threshold:.3f}.")
+    return (head + " κ, sensitivity, specificity, precision and F1 are at that cut; the `@0.5` columns and rows "
+            "give them at 0.5; Brier, ECE and AUPRC do not depend on it.")
 
 
 def per_body_part_table(results: Mapping[str, dict]) -> pd.DataFrame:
@@ -117,6 +163,67 @@ def plot_roc(oof: Mapping[int, pd.DataFrame], holdout: pd.DataFrame | None, path
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="Study-level ROC", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_pr(oof: Mapping[int, pd.DataFrame], holdout: pd.DataFrame | None, path: Path) -> Path:
+    """Study-level precision–recall curve per fold and of the holdout ensemble, AUPRC (average precision) in the
+    legend; the dotted line is the holdout's (else the pooled folds') positive rate, a no-skill model's precision."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    base = None
+    for k, pred in sorted(oof.items()):
+        s = study_table(pred)
+        if not (s["label"] == 1).any():
+            continue
+        precision, recall, _ = precision_recall_curve(s["label"], s["prob"])
+        auprc = prob_metrics(s["label"], s["prob"])["auprc"]
+        ax.plot(recall, precision, lw=1, alpha=0.6, drawstyle="steps-post", label=f"fold {k} (AUPRC {auprc:.3f})")
+    if oof:
+        base = study_table(pd.concat(oof.values(), ignore_index=True))["label"].mean()
+    if holdout is not None:
+        s = study_table(holdout)
+        if (s["label"] == 1).any():
+            precision, recall, _ = precision_recall_curve(s["label"], s["prob"])
+            auprc = prob_metrics(s["label"], s["prob"])["auprc"]
+            ax.plot(recall, precision, lw=2, ls="--", color="tab:red", drawstyle="steps-post",
+                    label=f"holdout ensemble (AUPRC {auprc:.3f})")
+        base = s["label"].mean() if len(s) else base
+    if base is not None and np.isfinite(base):
+        ax.axhline(base, ls=":", color="grey", label=f"no skill ({base:.2f})")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Study-level precision–recall",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def plot_calibration(oof: Mapping[int, pd.DataFrame], holdout: pd.DataFrame | None, path: Path,
+                     n_bins: int = ECE_BINS) -> Path:
+    """Study-level reliability diagram: positive rate vs. mean predicted probability in `n_bins` equal-width bins
+    (the bins of the ECE), for the pooled out-of-fold studies and the holdout ensemble, with the diagonal of perfect
+    calibration; below, the number of studies per bin. ECE and Brier in the legend."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5, 6.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    sets = {}
+    if oof:
+        sets["CV pooled OOF"] = (study_table(pd.concat(oof.values(), ignore_index=True)), "tab:blue", "o")
+    if holdout is not None:
+        sets["holdout ensemble"] = (study_table(holdout), "tab:red", "s")
+    width = 1 / n_bins
+    offsets = np.linspace(-width / 4, width / 4, max(len(sets), 1)) if len(sets) > 1 else [0.0]
+    for (name, (s, color, marker)), dx in zip(sets.items(), offsets):
+        if s.empty:
+            continue
+        bins = reliability_bins(s["label"], s["prob"], n_bins)
+        m = prob_metrics(s["label"], s["prob"])
+        shown = bins["n"] > 0
+        ax.plot(bins.loc[shown, "conf"], bins.loc[shown, "acc"], marker=marker, color=color, lw=1.5, ms=4,
+                label=f"{name} (ECE {m['ece']:.3f}, Brier {m['brier']:.3f})")
+        ax_n.bar((bins["low"] + bins["high"]) / 2 + dx, bins["n"], width=width / max(len(sets), 1) * 0.9,
+                 color=color, alpha=0.6, label=name)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
+    ax.set(ylabel="fraction abnormal", title=f"Study-level calibration ({n_bins} bins)", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, loc="upper left")
+    ax_n.set(xlabel="mean predicted probability", ylabel="studies")
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -59,7 +59,10 @@ class RunDir:
         if saved is None:
             return
         old, new = flatten_config(saved), flatten_config(to_dict(cfg))
-        diffs = [k for k in sorted(set(old) | set(new)) if not is_runtime_key(k) and old.get(k) != new.get(k)]
+        # a key the saved file lacks was added to the package after the run was made: at its default it is no conflict
+        default = flatten_config(to_dict(type(cfg)()))
+        diffs = [k for k in sorted(set(old) | set(new)) if not is_runtime_key(k) and old.get(k) != new.get(k)
+                 and not (k not in old and k in default and new.get(k) == default[k])]
         if diffs:
             k = diffs[0]
             raise UserError(f"{self.config}: this run was made with {k}={old.get(k)!r}, now {new.get(k)!r}; "

@@ -163,5 +163,5 @@ def test_sweep_flags_beat_entries_and_sweep_flags_reach_one_entry():
     entries = compare.sweep_configs(cfg, compare.overrides_from_args(args, cv.FLAGS))
     assert entries["resnet50"].model.pretrained == "/w/resnet50.safetensors"
     assert entries["resnet50"].model.name == "resnet50"  # `model.name:` and the nested `model:` merge
-    assert entries["resnet18"].model.pretrained is None
+    assert entries["resnet18"].model.pretrained == "auto"  # the default: phantom weights on the phantom only
     assert {c.data.img_size for c in entries.values()} == {96}

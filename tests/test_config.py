@@ -3,9 +3,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kd_fracture.config import (CVConfig, DistillConfig, load_config, parse_set, read_yaml, replace, to_dict)
-from kd_fracture.errors import ConfigError
+from kd_fracture.errors import ConfigError, UserError
 
 STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
 
@@ -63,9 +64,9 @@ def test_frozen_and_replace():
     cfg = CVConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.run_dir = "x"
-    new = replace(cfg, **{"train.epochs": 2, "model.name": "resnet18"})
-    assert new.train.epochs == 2 and new.model.name == "resnet18"
-    assert cfg.train.epochs != 2
+    new = replace(cfg, **{"train.epochs": 7, "model.name": "resnet18"})
+    assert new.train.epochs == 7 and new.model.name == "resnet18"
+    assert cfg.train.epochs != 7
     assert cfg.model.name == "resnet50"
 
 
@@ -81,3 +82,26 @@ def test_invalid_yaml_names_line(tmp_path):
     p.write_text("train:\n  epochs: [1,\n")
     with pytest.raises(ConfigError, match="broken.yaml.*not valid YAML"):
         load_config(CVConfig, p)
+
+
+def test_key_missing_from_an_older_run_config_is_compatible_at_its_default(tmp_path):
+    """A run made before a key existed (e.g. eval.threshold_rule) resumes at that key's default, not at another."""
+    from kd_fracture.run_dir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    cfg = load_config(CVConfig, None, {"run_dir": str(run.path)})
+    run.write_config(cfg)
+    raw = read_yaml(run.config)
+    del raw["eval"]["threshold_rule"]
+    run.config.write_text(yaml.safe_dump(raw))
+    run.check_compatible(cfg)  # default youden: no conflict
+    with pytest.raises(UserError, match="eval.threshold_rule=None, now 'max_kappa'"):
+        run.check_compatible(replace(cfg, **{"eval.threshold_rule": "max_kappa"}))
+
+
+def test_threshold_rule_is_checked_before_training(tmp_path, capsys):
+    from kd_fracture import cv
+
+    assert cv.main(["--run-dir", str(tmp_path / "run"), "--set", "eval.threshold_rule=f1"]) == 2
+    assert "eval.threshold_rule 'f1' is not one of fixed, youden, max_kappa" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -6,16 +6,17 @@ import json
 import pandas as pd
 import pytest
 
-from kd_fracture import cv, engine
+from kd_fracture import cv, engine, metrics
 from kd_fracture.config import CVConfig, load_config
 
 DOCUMENTED = [
     "config.yaml", "env.json", "folds.csv",
     *[f"fold_{k}/{f}" for k in (0, 1) for f in ("checkpoint_best.safetensors", "state_last.pt", "history.csv",
-                                                  "oof_predictions.csv", "metrics.json", "DONE")],
+                                                  "inner_val_predictions.csv", "oof_predictions.csv", "metrics.json",
+                                                  "DONE")],
     "holdout/predictions.csv", "holdout/metrics.json",
     *[f"tables/{t}.{ext}" for t in ("cv_folds", "holdout", "per_body_part") for ext in ("csv", "md", "tex")],
-    "plots/roc.png", "plots/confusion.png", "plots/curves.png", "summary.md",
+    "plots/roc.png", "plots/pr.png", "plots/calibration.png", "plots/confusion.png", "plots/curves.png", "summary.md",
 ]
 
 
@@ -45,6 +46,50 @@ def test_two_fold_run_produces_documented_tree(tiny_cv_overrides, tmp_path, caps
     pred = pd.read_csv(run / "holdout" / "predictions.csv")
     assert pred["prob"].to_numpy() == pytest.approx(pred[["prob_fold0", "prob_fold1"]].mean(axis=1).to_numpy())
     assert "| fold" in capsys.readouterr().out  # per-fold Markdown table printed at the end
+    check_thresholds_and_calibration(run)
+
+
+def check_thresholds_and_calibration(run) -> None:
+    """Each fold: threshold chosen on its inner-val predictions, scored fold κ at it (and at 0.5) recomputable from
+    oof_predictions.csv, brier/ece/auprc; holdout: ensemble at the mean fold threshold; tables carry all of it."""
+    thresholds = []
+    for k in (0, 1):
+        fold = json.loads((run / f"fold_{k}" / "metrics.json").read_text())
+        for key in ("threshold", "threshold_rule", "inner_val_threshold", "at_0.5"):
+            assert key in fold, (k, key)
+        for key in ("brier", "ece", "auprc"):
+            assert key in fold["study"] and key in fold["image"], (k, key)
+        t = fold["threshold"]
+        thresholds.append(t)
+        assert fold["threshold_rule"] == "youden" and fold["inner_val_threshold"] == t
+        inner = pd.read_csv(run / f"fold_{k}" / "inner_val_predictions.csv")
+        assert t == pytest.approx(metrics.choose_threshold(inner, "youden"))
+        assert json.loads((run / f"fold_{k}" / "DONE").read_text())["threshold"] == t
+        studies = metrics.study_table(pd.read_csv(run / f"fold_{k}" / "oof_predictions.csv"))
+        at_t = metrics.binary_metrics(studies["label"], studies["prob"], t)
+        at_half = metrics.binary_metrics(studies["label"], studies["prob"], 0.5)
+        assert fold["study"]["kappa"] == pytest.approx(at_t["kappa"], nan_ok=True)
+        assert fold["study"]["sensitivity"] == pytest.approx(at_t["sensitivity"], nan_ok=True)
+        assert fold["at_0.5"]["study"]["kappa"] == pytest.approx(at_half["kappa"], nan_ok=True)
+        assert fold["study"]["brier"] == pytest.approx(((studies["prob"] - studies["label"]) ** 2).mean())
+    holdout = json.loads((run / "holdout" / "metrics.json").read_text())["fold_ensemble"]
+    assert holdout["threshold"] == pytest.approx(sum(thresholds) / 2)
+    assert holdout["fold_thresholds"] == pytest.approx(thresholds)
+    studies = metrics.study_table(pd.read_csv(run / "holdout" / "predictions.csv"))
+    expected = metrics.binary_metrics(studies["label"], studies["prob"], holdout["threshold"])
+    assert holdout["ci95"]["kappa"]["value"] == pytest.approx(expected["kappa"], nan_ok=True)
+    assert holdout["at_0.5"]["study"]["kappa"] == pytest.approx(
+        metrics.binary_metrics(studies["label"], studies["prob"], 0.5)["kappa"], nan_ok=True)
+    assert "kappa" in holdout["at_0.5"]["ci95"]
+    table = pd.read_csv(run / "tables" / "cv_folds.csv")
+    for col in ("threshold", "brier", "ece", "auprc", "kappa@0.5", "sensitivity@0.5", "specificity@0.5", "f1@0.5"):
+        assert col in table, col
+    assert table["threshold"][:2].tolist() == pytest.approx(thresholds)
+    rows = pd.read_csv(run / "tables" / "holdout.csv").set_index("metric")
+    for metric in ("threshold", "study_brier", "study_ece", "study_auprc", "image_ece", "study_kappa@0.5"):
+        assert metric in rows.index, metric
+    assert rows.loc["threshold", "value"] == pytest.approx(holdout["threshold"])
+    assert "eval.threshold_rule: youden" in (run / "summary.md").read_text()
 
 
 def test_rerun_skips_done_folds_and_aggregate_only(tiny_cv_overrides, tmp_path, monkeypatch):

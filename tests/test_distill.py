@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from kd_fracture import cv, distill, engine, teacher_cache
+from kd_fracture import cv, distill, engine, metrics, teacher_cache
 from kd_fracture.config import CVConfig, load_config
 from kd_fracture.data.dataset import CLEAN_VIEW
 from kd_fracture.data.folds import read_folds_csv
@@ -200,9 +200,9 @@ DOCUMENTED = ["config.yaml", "env.json", "trials.csv", "best_params.yaml", "stud
               *[f"tables/teacher_vs_student.{ext}" for ext in ("csv", "md", "tex")],
               *[f"plots/optuna_{p}.png" for p in ("history", "importances", "parallel")]]
 VARIANT_FILES = ["config.yaml", "holdout/predictions.csv", "holdout/metrics.json", "tables/cv_folds.csv",
-                 "summary.md", *[f"fold_{k}/{f}" for k in (0, 1) for f in (
-                     "checkpoint_best.safetensors", "state_last.pt", "history.csv", "oof_predictions.csv",
-                     "metrics.json", "DONE")]]
+                 "summary.md", "plots/pr.png", "plots/calibration.png", *[f"fold_{k}/{f}" for k in (0, 1) for f in (
+                     "checkpoint_best.safetensors", "state_last.pt", "history.csv", "inner_val_predictions.csv",
+                     "oof_predictions.csv", "metrics.json", "DONE")]]
 
 
 def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, tmp_path, monkeypatch, capsys):
@@ -226,7 +226,7 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
     assert set(best["params"]) == set(load_config(distill.DistillConfig).search.space)
     kd_cfg = yaml.safe_load((out / "final" / "hybrid_t_kd" / "config.yaml").read_text())
     assert kd_cfg["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
-    assert kd_cfg["model"]["overrides"]["depth"] == best["params"]["student.overrides.depth"]
+    assert kd_cfg["train"]["weight_decay"] == pytest.approx(best["params"]["train.weight_decay"])
     assert kd_cfg["model"]["in_chans"] == 1
 
     table = pd.read_csv(out / "tables" / "teacher_vs_student.csv")
@@ -242,6 +242,7 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
     # no leakage: fold k's student learnt from fold k's teacher, on fold k's training rows only
     manifest, _ = fold0
     folds = read_folds_csv(run / "folds.csv")
+    thresholds = []
     for k in (0, 1):
         rows = fold_rows(manifest, folds, k, teacher.cfg.data)
         assert not set(rows.train["patient_id"]) & set(rows.scored["patient_id"])
@@ -252,6 +253,17 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
         assert fold_metrics["teacher_checkpoint_sha256"] == teacher.checkpoint_sha256(k)
         assert fold_metrics["n_train"] == len(rows.train)
         assert fold_metrics["n_studies"] == rows.scored["study_id"].nunique()
+        # the student's own cut, chosen on fold k's inner-val split, scores fold k (and 0.5 is reported beside it)
+        inner = pd.read_csv(out / f"final/hybrid_t_kd/fold_{k}/inner_val_predictions.csv")
+        assert set(inner["study_id"]) == set(rows.inner_val["study_id"])
+        assert fold_metrics["threshold"] == pytest.approx(metrics.choose_threshold(inner, "youden"))
+        studies = metrics.study_table(pd.read_csv(out / f"final/hybrid_t_kd/fold_{k}/oof_predictions.csv"))
+        assert fold_metrics["study"]["kappa"] == pytest.approx(
+            metrics.binary_metrics(studies["label"], studies["prob"], fold_metrics["threshold"])["kappa"], nan_ok=True)
+        assert "kappa" in fold_metrics["at_0.5"]["study"] and "ece" in fold_metrics["study"]
+        thresholds.append(fold_metrics["threshold"])
+    student_holdout = json.loads((out / "final/hybrid_t_kd/holdout/metrics.json").read_text())["fold_ensemble"]
+    assert student_holdout["threshold"] == pytest.approx(sum(thresholds) / len(thresholds))
     assert teacher.checkpoint_sha256(0) != teacher.checkpoint_sha256(1)
 
     # rerun of the same command: the study is complete and every fold DONE → nothing is trained again

@@ -48,7 +48,8 @@ def test_evaluate_folder_layout_writes_holdout_shaped_report(fake_run, folder_da
     assert evaluate.main(["--run", str(fake_run), "--data", str(folder_dataset)]) == 0
     out = fake_run / "evaluate" / "fracture_folders"  # default: RUN/evaluate/<dataset name>/
     for f in ("predictions.csv", "metrics.json", "classification_report.txt", "classification_report.csv",
-              "summary.md", "plots/roc.png", "plots/confusion.png", "plots/sample_predictions.png",
+              "summary.md", "plots/roc.png", "plots/pr.png", "plots/calibration.png", "plots/confusion.png",
+              "plots/sample_predictions.png",
               "plots/gradcam_examples.png",
               *[f"tables/{t}.{ext}" for t in ("metrics", "per_body_part", "members") for ext in ("csv", "md", "tex")]):
         assert (out / f).is_file(), f
@@ -65,6 +66,9 @@ def test_evaluate_folder_layout_writes_holdout_shaped_report(fake_run, folder_da
     assert ensemble["study"]["kappa"] == pytest.approx(recomputed["study"]["kappa"], nan_ok=True)
     assert ensemble["study"]["auroc"] == pytest.approx(recomputed["study"]["auroc"], nan_ok=True)
     assert ensemble["n_studies"] == n_images  # folder layout: one image per study
+    # no fold_<k>/metrics.json in this run: no recorded threshold, so eval.threshold (0.5)
+    assert ensemble["threshold"] == 0.5 and report["threshold_source"] == "eval.threshold"
+    assert ensemble["study"]["brier"] == pytest.approx(recomputed["study"]["brier"])
     ci = ensemble["ci95"]["auroc"]
     assert ci["low"] <= ci["value"] <= ci["high"]
     assert set(report["members"]) == {"0", "1"}

@@ -99,3 +99,82 @@ def test_fast_batch_metrics_equal_sklearn_path():
         ref = metrics.binary_metrics(y[b], p[b])
         for k, v in ref.items():
             assert (math.isnan(v) and math.isnan(fast[k][b])) or fast[k][b] == pytest.approx(v), (b, k)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# decision threshold (issue #12)
+
+
+def one_image_studies(y, p) -> pd.DataFrame:
+    return pd.DataFrame({"study_id": [f"s{i}" for i in range(len(y))], "body_part": "XR_HAND", "label": y, "prob": p})
+
+
+def test_youden_picks_the_best_cut():
+    # J = TPR − FPR: t=0.35 → 1 − 1/4 = 0.75 (unique maximum); t=0.5 (the default) → 0.5 − 1/4 = 0.25
+    pred = one_image_studies([0, 0, 0, 1, 1, 0, 1, 1], [0.1, 0.2, 0.3, 0.35, 0.4, 0.6, 0.8, 0.9])
+    assert metrics.choose_threshold(pred, "youden") == pytest.approx(0.35)
+    assert metrics.choose_threshold(pred, "fixed", fixed=0.42) == pytest.approx(0.42)
+
+
+def test_max_kappa_picks_the_kappa_maximising_cut():
+    # 2 positives among 8: t=0.5 has J = 1 − 2/6 = 0.667 (Youden's choice) but κ = (0.75 − 0.5)/0.5 = 0.5;
+    # t=0.85 has κ = (0.875 − 0.6875)/0.3125 = 0.6, the maximum
+    y, p = [0, 0, 0, 0, 1, 0, 0, 1], [0.05, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.85]
+    pred = one_image_studies(y, p)
+    assert metrics.choose_threshold(pred, "youden") == pytest.approx(0.5)
+    assert metrics.choose_threshold(pred, "max_kappa") == pytest.approx(0.85)
+    kappas = {t: skm.cohen_kappa_score(y, (np.array(p) >= t).astype(int)) for t in p}
+    assert max(kappas, key=kappas.get) == pytest.approx(0.85) and kappas[0.85] == pytest.approx(0.6)
+
+
+def test_threshold_is_chosen_on_study_means_and_ties_go_to_the_cut_nearest_half(preds):
+    # study probs 0.8 (1), 0.2 (0), 0.5 (1), 0.65 (0), 0.2 (1), 0.05 (0): J = 1/3 at 0.8, 0.5 and 0.2 → 0.5.
+    # On the 11 image probabilities the candidates would differ (e.g. 0.9, 0.7).
+    assert metrics.choose_threshold(preds, "youden") == pytest.approx(0.5)
+    shifted = preds.assign(prob=preds["prob"] * 0.9)  # 0.72, 0.18, 0.45, 0.585, 0.18, 0.045: 0.45 is nearest 0.5
+    assert metrics.choose_threshold(shifted, "youden") == pytest.approx(0.45)
+
+
+def test_degenerate_inputs_fall_back_to_fixed():
+    one_class = one_image_studies([1, 1, 1], [0.2, 0.7, 0.9])
+    one_study = one_image_studies([1], [0.9])
+    for rule in ("youden", "max_kappa"):
+        assert metrics.choose_threshold(one_class, rule, fixed=0.4) == 0.4
+        assert metrics.choose_threshold(one_study, rule, fixed=0.4) == 0.4
+        assert metrics.choose_threshold(one_class.iloc[:0], rule) == 0.5
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        metrics.choose_threshold(one_class, "f1")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# calibration and precision–recall
+
+
+def test_ece_by_hand():
+    # bins: [0, .1) {.05: y0} → .05; [.1, .2) {.15: y1} → .85; [.5, .6) {.55: y1, .58: y0} → |0.5 − 0.565| × 2;
+    # [.9, 1] {.95: y1} → .05 ⇒ ECE = (0.05 + 0.85 + 0.13 + 0.05) / 5 = 0.216
+    assert metrics.expected_calibration_error([0, 1, 1, 0, 1], [0.05, 0.15, 0.55, 0.58, 0.95]) == pytest.approx(0.216)
+    bins = metrics.reliability_bins([0, 1, 1, 0, 1], [0.3, 0.7, 1.0, 0.0, 0.99])
+    assert bins["n"].tolist() == [1, 0, 0, 1, 0, 0, 0, 1, 0, 2]  # 0.3 → bin 3, 0.7 → bin 7, 1.0 → last bin
+
+
+def test_ece_is_zero_when_perfectly_calibrated():
+    y = [0, 0, 0, 1] + [0, 1] + [0, 1, 1, 1]
+    p = [0.25] * 4 + [0.5] * 2 + [0.75] * 4  # each bin's positive rate equals its mean probability
+    assert metrics.expected_calibration_error(y, p) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0
+    assert metrics.expected_calibration_error([0, 1], [1.0, 0.0]) == 1.0
+
+
+def test_brier_and_auprc_equal_sklearn_at_both_levels(preds):
+    res = metrics.evaluate(preds)
+    studies = metrics.study_table(preds)
+    assert res["study"]["brier"] == pytest.approx(skm.brier_score_loss(studies["label"], studies["prob"]))
+    assert res["study"]["auprc"] == pytest.approx(skm.average_precision_score(studies["label"], studies["prob"]))
+    assert res["study"]["ece"] == pytest.approx(metrics.expected_calibration_error(studies["label"], studies["prob"]))
+    assert res["image"]["brier"] == pytest.approx(skm.brier_score_loss(preds["label"], preds["prob"]))
+    assert res["image"]["auprc"] == pytest.approx(skm.average_precision_score(preds["label"], preds["prob"]))
+    assert res["image"]["ece"] == pytest.approx(metrics.expected_calibration_error(preds["label"], preds["prob"]))
+    none_positive = metrics.prob_metrics([0, 0], [0.2, 0.4])
+    assert math.isnan(none_positive["auprc"]) and none_positive["brier"] == pytest.approx(0.1)
+    assert all(math.isnan(v) for v in metrics.prob_metrics([], []).values())

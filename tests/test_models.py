@@ -124,6 +124,19 @@ def test_freeze_none_trains_everything_and_updates_bn_stats():
         create_teacher("resnet18", freeze="head")
 
 
+def test_freeze_bn_trains_every_conv_but_keeps_batchnorm_as_it_was():
+    torch.manual_seed(0)
+    model = create_teacher("resnet18", in_chans=1, freeze="bn").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    _bce_step(model, torch.randn(4, 1, 32, 32) * 3 + 1)
+    opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "conv1.weight" in changed and "fc.weight" in changed
+    assert not any(k.startswith(("bn1.", "layer1.0.bn1.")) for k in changed)  # running stats and affine kept
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Fail loudly if timm tries to reach the hub or a URL."""
@@ -201,3 +214,10 @@ def test_grad_cam_target_layer_gives_a_spatial_map(name, expected, stride):
         model(torch.randn(1, 1, 64, 64))
     handle.remove()
     assert len(seen) == 1 and seen[0][0] == 1 and seen[0][2:] == (64 // stride, 64 // stride)  # (1, C, h, w)
+
+
+@pytest.mark.parametrize("img_size, stage", [(None, "layer4"), (224, "layer4"), (128, "layer3"), (64, "layer2"),
+                                             (16, "layer1")])
+def test_grad_cam_layer_keeps_a_map_of_at_least_7_pixels(img_size, stage):
+    model = create_teacher("resnet10t", num_classes=1)
+    assert grad_cam_target_layer(model, img_size) is getattr(model, stage)[-1]

@@ -1,6 +1,7 @@
 """predict: a run's fold ensemble on loose images reproduces the run's own holdout predictions; students; bad inputs."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def test_study_level_equals_metrics_study_table(tiny_run, tiny_phantom, tmp_path
     inputs = [study_dirs[0], study_dirs[1].parent, next(study_dirs[2].glob("*.png"))]
     assert predict.main(["--run", str(tiny_run), *map(str, inputs), "--out", str(out)]) == 0
     studies = pd.read_csv(tmp_path / "preds_studies.csv")
+    # the run's cut: the holdout's, i.e. the mean of the fold thresholds chosen on the inner-val splits
+    threshold = json.loads((tiny_run / "holdout" / "metrics.json").read_text())["fold_ensemble"]["threshold"]
     studies["study_id"] = studies["study"].map(lambda s: str(Path(s).relative_to(tiny_phantom)))
     holdout = pd.read_csv(tiny_run / "holdout" / "predictions.csv")
     loose = str(inputs[2].relative_to(tiny_phantom))
@@ -80,7 +83,21 @@ def test_study_level_equals_metrics_study_table(tiny_run, tiny_phantom, tmp_path
         ref = reference.loc[row.study_id]
         assert row.prob == pytest.approx(ref["prob"], abs=1e-5) and row.n_images == ref["n_images"]
         assert row.true_label == ref["label"]
-        assert row.prediction == ("abnormal" if ref["prob"] >= 0.5 else "normal")
+        assert row.prediction == ("abnormal" if ref["prob"] >= threshold else "normal")
+
+
+def test_predict_uses_the_runs_recorded_threshold(tiny_run, tmp_path):
+    """Fold k's recorded threshold for --fold k, the mean of the folds' for the ensemble and refit, else 0.5."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    for k, t in ((0, 0.3), (1, 0.6)):
+        path = run / f"fold_{k}" / "metrics.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "threshold": t}))
+    assert predict.load_run_models(run).cfg.eval.threshold == pytest.approx(0.45)
+    assert predict.load_run_models(run, fold=1).cfg.eval.threshold == pytest.approx(0.6)
+    assert predict.load_run_models(run).threshold_source == "mean of the fold thresholds"
+    portable = portable_copy(tiny_run, tmp_path / "portable")  # checkpoints only: nothing recorded
+    models = predict.load_run_models(portable)
+    assert models.cfg.eval.threshold == 0.5 and models.threshold_source == "eval.threshold"
 
 
 def test_bad_inputs_are_reported_and_the_rest_predicted(tiny_run, tiny_phantom, tmp_path, capsys):

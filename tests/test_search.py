@@ -41,7 +41,8 @@ def test_default_space_is_valid_for_default_config():
     space = search.parse_space(DEFAULT_SEARCH_SPACE, DistillConfig())
     assert list(space) == list(DEFAULT_SEARCH_SPACE)
     assert space["kd.temperature"].log and (space["kd.temperature"].low, space["kd.temperature"].high) == (1, 10)
-    assert space["student.overrides.depth"].choices == (1, 2, 3)
+    assert (space["kd.alpha"].low, space["kd.alpha"].high) == (0, 1)
+    assert not any(k.startswith("student.") for k in space)  # the pretrained start fixes the architecture
 
 
 @pytest.mark.parametrize("key, spec, message", [
@@ -70,7 +71,10 @@ def _re(text):
 
 
 def test_suggest_and_apply_params():
-    space = search.parse_space(DEFAULT_SEARCH_SPACE, DistillConfig())
+    # architecture keys are not in the default space (the pretrained start fixes it) but stay searchable
+    architecture = {"student.overrides.depth": {"type": "categorical", "choices": [1, 2, 3]},
+                    "student.overrides.embed_dim": {"type": "categorical", "choices": [96, 128, 192]}}
+    space = search.parse_space({**DEFAULT_SEARCH_SPACE, **architecture}, DistillConfig())
     fixed = {"kd.temperature": 2.0, "kd.alpha": 0.25, "train.lr": 1e-3, "train.weight_decay": 0.01,
              "student.overrides.depth": 1, "student.overrides.embed_dim": 96}
     params = search.suggest(optuna.trial.FixedTrial(fixed), space)

@@ -227,3 +227,26 @@ def test_ensure_default_phantom_reuses_complete_and_regenerates_incomplete(tmp_p
     assert "SYNTHETIC" in capsys.readouterr().out
     assert marker.exists() and not stray.exists()
     assert all((root / p).is_file() for p in _read_csvs(root, "train")[0])
+
+
+def test_no_global_intensity_shortcut(tmp_path: Path):
+    """Issue 12: a logistic regression on global intensity statistics (mean, std, bright fraction) of each image
+    must not tell abnormal from normal: image AUROC ≤ 0.55 on patients it did not see."""
+    import cv2
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from kd_fracture.data.manifest import load_manifest
+
+    manifest = load_manifest(generate_phantom(tmp_path / "p", patients=240, size=64, seed=5, holdout_frac=0.4))
+
+    def stats(split: str):
+        rows = manifest.df[manifest.df["split"] == split]
+        pixels = [cv2.imread(str(manifest.root / p), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+                  for p in rows["image_path"]]
+        return np.array([[a.mean(), a.std(), (a > 0.7).mean()] for a in pixels]), rows["label"].to_numpy()
+
+    (x_train, y_train), (x_test, y_test) = stats("train"), stats("holdout")
+    assert len(y_test) > 250 and 0 < y_test.mean() < 1
+    model = LogisticRegression(max_iter=1000).fit(x_train, y_train)
+    assert roc_auc_score(y_test, model.predict_proba(x_test)[:, 1]) <= 0.55

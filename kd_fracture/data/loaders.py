@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kd_fracture.config import AugConfig, DataConfig
+from kd_fracture.config import AugConfig, DataConfig, PhantomConfig
 from kd_fracture.data.dataset import ImageCache, XrayDataset, make_loader
 from kd_fracture.data.folds import inner_val_split, load_or_make_folds, study_ids_to_rows
 from kd_fracture.data.manifest import Manifest, load_manifest
@@ -18,12 +18,16 @@ from kd_fracture.data.manifest import Manifest, load_manifest
 def resolve_manifest(cfg: DataConfig) -> Manifest:
     """`cfg.root` → its manifest; no root → the synthetic phantom (generated once into the cache dir)."""
     if cfg.root is None:
-        from kd_fracture.data.synthetic import ensure_default_phantom
-
-        ph = cfg.phantom
-        root = ensure_default_phantom(ph.cache_dir, patients=ph.patients, size=ph.size, seed=ph.seed)
-        return load_manifest(root, verify_images=cfg.verify_images, name=cfg.name)
+        return load_manifest(phantom_root(cfg.phantom), verify_images=cfg.verify_images, name=cfg.name)
     return load_manifest(cfg.root, verify_images=cfg.verify_images, name=cfg.name)
+
+
+def phantom_root(ph: PhantomConfig) -> Path:
+    """The synthetic phantom's data root for this config, generated once into the cache dir."""
+    from kd_fracture.data.synthetic import ensure_default_phantom
+
+    return ensure_default_phantom(ph.cache_dir, patients=ph.patients, size=ph.size, seed=ph.seed,
+                                  holdout_frac=ph.holdout_frac)
 
 
 def resolve_folds(cfg: DataConfig, manifest: Manifest) -> pd.DataFrame:

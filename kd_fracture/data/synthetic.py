@@ -906,23 +906,29 @@ def phantom_info(root: str | Path) -> dict | None:
     return _read_marker(root / "MURA-v1.1" if root.name != "MURA-v1.1" else root)
 
 
+def phantom_dir_name(patients: int, size: int, seed: int, holdout_frac: float = DEFAULT_HOLDOUT_FRAC) -> str:
+    """`phantom_p{patients}_px{size}_s{seed}`, plus `_h{percent}` when the holdout fraction is not the default."""
+    holdout = "" if holdout_frac == DEFAULT_HOLDOUT_FRAC else f"_h{round(holdout_frac * 100)}"
+    return f"phantom_p{patients}{holdout}_px{size}_s{seed}"
+
+
 def ensure_default_phantom(cache_dir: str | Path = ".kd_fracture_cache", patients: int = 300, size: int = 64,
-                           seed: int = 0) -> Path:
-    """Return `cache_dir/phantom_p{patients}_px{size}_s{seed}`, generating it first if it is not complete.
+                           seed: int = 0, holdout_frac: float = DEFAULT_HOLDOUT_FRAC) -> Path:
+    """Return `cache_dir/<phantom_dir_name(...)>`, generating it first if it is not complete.
 
     Complete = MURA-v1.1/SYNTHETIC_PHANTOM.json exists with the same parameters and generator version;
     anything else under that directory (a tree without marker, an older generator) is deleted and regenerated.
     """
-    root = Path(cache_dir) / f"phantom_p{patients}_px{size}_s{seed}"
+    root = Path(cache_dir) / phantom_dir_name(patients, size, seed, holdout_frac)
     info = phantom_info(root)
     if (info is not None and info.get("generator_version") == GENERATOR_VERSION
-            and info.get("params") == _params(patients, size, seed, DEFAULT_HOLDOUT_FRAC, DEFAULT_ABNORMAL_FRAC)):
+            and info.get("params") == _params(patients, size, seed, holdout_frac, DEFAULT_ABNORMAL_FRAC)):
         return root
     print(f"generating a SYNTHETIC phantom dataset (not real radiographs; {patients} patients, {size} px, "
-          f"seed {seed}) in {root}", flush=True)
+          f"seed {seed}, holdout fraction {holdout_frac}) in {root}", flush=True)
     if (root / "MURA-v1.1").exists():
         shutil.rmtree(root / "MURA-v1.1")  # incomplete or stale: our own cache directory
-    return generate_phantom(root, patients=patients, size=size, seed=seed)
+    return generate_phantom(root, patients=patients, size=size, seed=seed, holdout_frac=holdout_frac)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,10 +13,13 @@ from torch import nn
 from kd_fracture.errors import UserError
 from kd_fracture.models.student import (STUDENT_REGISTRY, TIMM_PREFIX, HybridConfig, HybridStudent, create_student,
                                         is_student_name)
-from kd_fracture.models.teacher import FREEZE_MODES, classifier_names, create_teacher, freeze_backbone
+from kd_fracture.models.teacher import FREEZE_MODES, apply_freeze, classifier_names, create_teacher, freeze_backbone
+
+MIN_CAM_SIDE = 7
+"""Smallest Grad-CAM map side worth showing: ResNet-50's layer4 at 224 px."""
 
 __all__ = [
-    "FREEZE_MODES", "STUDENT_REGISTRY", "HybridConfig", "HybridStudent", "classifier_param_names", "count_params",
+    "FREEZE_MODES", "STUDENT_REGISTRY", "apply_freeze", "HybridConfig", "HybridStudent", "classifier_param_names", "count_params",
     "create_model", "create_student", "create_teacher", "grad_cam_target_layer", "is_student_name",
 ]
 
@@ -39,7 +42,7 @@ def create_model(name: str, *, num_classes: int = 1, in_chans: int = 3, img_size
         if drop_rate is not None:
             overrides["drop_rate"] = drop_rate
         model = create_student(name, in_chans=in_chans, num_classes=num_classes, img_size=img_size, **overrides)
-        return freeze_backbone(model) if freeze == "backbone" else model
+        return apply_freeze(model, freeze)
     # `timm:NAME` is the same timm model as a teacher would be; the prefix only marks its role
     timm_name = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
     return create_teacher(timm_name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
@@ -57,18 +60,22 @@ def classifier_param_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in modules}
 
 
-def grad_cam_target_layer(model: nn.Module) -> nn.Module:
+def grad_cam_target_layer(model: nn.Module, img_size: int | None = None) -> nn.Module:
     """The layer whose (B, C, h, w) activations Grad-CAM weighs (Selvaraju et al. 2017).
 
     HybridStudent: its last conv stage (the tokens after it are not spatial maps).
-    timm ResNet: `layer4[-1]`, the usual choice. Other timm models: the last `feature_info` module, else the
-    last Conv2d. Token models (ViT) also need a reshape_transform in the Grad-CAM call.
+    timm ResNet: `layer4[-1]`, the usual choice, when its map is at least MIN_CAM_SIDE pixels on a side (7×7 at
+    224 px); at smaller inputs the deepest stage that still is (64 px: layer4 is 2×2, so layer2's 8×8) — a 2×2 map
+    cannot point at a sign. Other timm models: the last `feature_info` module, else the last Conv2d. Token models
+    (ViT) also need a reshape_transform in the Grad-CAM call.
     """
     if isinstance(model, HybridStudent):
         return model.grad_cam_layer()
-    layer4 = getattr(model, "layer4", None)
-    if isinstance(layer4, nn.Sequential) and len(layer4):
-        return layer4[-1]
+    stages = [getattr(model, f"layer{i}", None) for i in (1, 2, 3, 4)]
+    if all(isinstance(s, nn.Sequential) and len(s) for s in stages):
+        strides = (4, 8, 16, 32)  # ResNet stage output strides
+        usable = [s for s, stride in zip(stages, strides) if img_size is None or img_size // stride >= MIN_CAM_SIDE]
+        return (usable or stages[:1])[-1][-1]
     feature_info = getattr(model, "feature_info", None)
     if isinstance(feature_info, list) and feature_info and "module" in feature_info[-1]:
         try:

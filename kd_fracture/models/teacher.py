@@ -19,9 +19,9 @@ from torch import nn
 
 from kd_fracture.errors import UserError
 
-__all__ = ["FREEZE_MODES", "create_teacher", "create_timm_model", "freeze_backbone"]
+__all__ = ["FREEZE_MODES", "apply_freeze", "create_teacher", "create_timm_model", "freeze_backbone"]
 
-FREEZE_MODES = ("none", "backbone")
+FREEZE_MODES = ("none", "backbone", "bn")
 
 
 def _unknown_model_error(name: str) -> UserError:
@@ -115,6 +115,19 @@ def freeze_backbone(model: nn.Module) -> nn.Module:
     return model
 
 
+def apply_freeze(model: nn.Module, mode: str) -> nn.Module:
+    """none | backbone (train only the classifier, `freeze_backbone`) | bn (train every weight, but every BatchNorm
+    becomes timm's `FrozenBatchNorm2d`: running statistics and affine parameters stay those of the start weights,
+    the usual way to fine-tune a pretrained CNN on a few hundred images with small batches)."""
+    if mode not in FREEZE_MODES:
+        raise UserError(f"--freeze '{mode}' is not one of {', '.join(FREEZE_MODES)}")
+    if mode == "backbone":
+        return freeze_backbone(model)
+    if mode == "bn":
+        return freeze_batch_norm_2d(model)
+    return model
+
+
 def create_teacher(name: str = "resnet50", num_classes: int = 1, in_chans: int = 3, pretrained: str | None = None,
                    freeze: str = "none", drop_rate: float = 0.0, img_size: int | None = None,
                    **kwargs: Any) -> nn.Module:
@@ -126,4 +139,4 @@ def create_teacher(name: str = "resnet50", num_classes: int = 1, in_chans: int =
         raise UserError(f"--freeze '{freeze}' is not one of {', '.join(FREEZE_MODES)}")
     model = create_timm_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
                               img_size=img_size, drop_rate=drop_rate, **kwargs)
-    return freeze_backbone(model) if freeze == "backbone" else model
+    return apply_freeze(model, freeze)
