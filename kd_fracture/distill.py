@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from kd_fracture import cv, engine, export, io, pretraining, reporting, scoring, search
+from kd_fracture import cv, engine, export, extras, io, pretraining, reporting, scoring, search
 from kd_fracture.config import (
     CVConfig,
     DistillConfig,
@@ -608,7 +608,9 @@ def report(d: Distiller, cfg: DistillConfig, params: dict, runs: dict[str, tuple
 
     main_name, (main_variant, main_run) = next(iter(runs.items()))
     onnx_info: dict = {"exported": False}
-    if cfg.onnx:
+    if cfg.onnx and extras.optional("onnx", "onnx", "student.onnx") is None:
+        onnx_info["reason"] = "onnx is not installed (pip install 'kd_fracture[onnx]')"
+    elif cfg.onnx:
         members = [cv.load_fold_model(d.variant_config(main_variant), main_run, k) for k in range(d.data.folds)]
         ensemble = export.FoldEnsemble(members).eval()
         onnx_info = export.export_onnx(ensemble, out.path / "student.onnx", main_variant.cfg.student.in_chans, img)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kd_fracture import engine, io
+from kd_fracture import engine, extras, io
 from kd_fracture.config import CVConfig, DataConfig
 from kd_fracture.data.dataset import XrayDataset
 from kd_fracture.data.loaders import phantom_root
@@ -168,7 +168,7 @@ def example_plots(models: RunModels, pred: pd.DataFrame, root: Path, plots_dir: 
                          ncols=min(4, len(ds)), suptitle=f"{models.description}: sample predictions", colors=colors)]
 
     examples = pick_examples(pred, threshold)
-    if examples.empty:
+    if examples.empty or extras.optional("pytorch_grad_cam", "gradcam", f"{plots_dir.name}/gradcam_examples.png") is None:
         return paths
     images, maps, probs = explain_rows(models, examples, root, device, members=[member])
     n = len(examples)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kd_fracture import io
+from kd_fracture import extras, io
 from kd_fracture.losses import positive_prob
 
 __all__ = ["FoldEnsemble", "check_onnx", "count_flops", "cpu_latency_ms", "export_onnx", "profile_model"]
@@ -118,9 +118,9 @@ def check_onnx(model: nn.Module, path: str | Path, in_chans: int, img_size: int,
 
     Returns {"checked": False, "reason"} without onnxruntime, else {"checked": True, "max_abs_diff", "ok", …}.
     """
-    if importlib.util.find_spec("onnxruntime") is None:
+    ort = extras.optional("onnxruntime", "onnx", f"checking {Path(path).name} against torch")
+    if ort is None:
         return {"checked": False, "reason": "onnxruntime is not installed (pip install 'kd_fracture[onnx]')"}
-    import onnxruntime as ort
 
     model = _cpu_copy(model)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -23,7 +23,9 @@ T = TypeVar("T")
 RUNTIME_KEYS = {"data.num_workers", "data.verify_images", "data.regenerate_folds", "data.cache_images",
                 "train.device", "train.threads", "train.eval_batch_size", "run_dir", "data.phantom.cache_dir",
                 "search.n_trials", "search.timeout", "search.storage", "search.heartbeat_interval",
-                "search.grace_period", "sweep"}
+                "search.grace_period", "sweep",
+                # output-only: a rerun may switch an export off (e.g. without the onnx extra) and finish the run
+                "onnx", "latency_threads"}
 
 
 @dataclass(frozen=True)
