@@ -124,6 +124,11 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
         manifest = resolve_manifest(cfg.data)
         folds = resolve_folds(cfg.data, manifest)
     run = RunDir(cfg.run_dir)
+    trained_on = (io.read_json(run.env) if run.env.exists() else {}).get("manifest_sha256")
+    if trained_on not in (None, manifest.sha256()):  # e.g. a run made before a default of the phantom changed
+        raise UserError(f"{run.env}: this run was trained on other data (manifest sha256 {trained_on[:12]}… vs "
+                        f"{manifest.sha256()[:12]}… of {manifest.root}); its folds and holdout would not match — "
+                        "use a new --run-dir")
     if engine.is_main():
         run.write_config(cfg)
         run.write_env(cfg.train.seed, str(device), {"dataset": manifest.name, "manifest_sha256": manifest.sha256()})

@@ -150,3 +150,18 @@ def test_saved_config_roundtrips(tiny_cv_overrides, tmp_path):
     assert cv.main(cli_args(tiny_cv_overrides) + ["--fold", "0"]) == 0
     cfg = load_config(CVConfig, tmp_path / "run" / "config.yaml")
     assert cfg.data.folds == 2 and cfg.model.name == "resnet10t"
+
+
+def test_run_on_other_data_is_refused_before_anything_is_written(tiny_cv_overrides, tmp_path, capsys):
+    """A run dir whose env.json records another manifest (data changed under it, e.g. a new phantom default) must not
+    be resumed or aggregated against the new data: its folds and holdout would not match."""
+    assert cv.main(cli_args(tiny_cv_overrides)) == 0
+    env_path = tmp_path / "run" / "env.json"
+    env = json.loads(env_path.read_text())
+    env["manifest_sha256"] = "0" * 64
+    env_path.write_text(json.dumps(env))
+    summary = (tmp_path / "run" / "summary.md").stat().st_mtime_ns
+    assert cv.main(["--run-dir", str(tmp_path / "run"), "--aggregate"]) == 2
+    assert "trained on other data" in capsys.readouterr().err
+    assert (tmp_path / "run" / "summary.md").stat().st_mtime_ns == summary
+    assert json.loads(env_path.read_text())["manifest_sha256"] == "0" * 64  # env.json not overwritten
