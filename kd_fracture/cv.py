@@ -24,7 +24,7 @@ from kd_fracture.config import CVConfig, add_config_args, load_config, overrides
 from kd_fracture.data.loaders import SharedCache, build_loader, fold_rows, holdout_rows, resolve_folds, resolve_manifest
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.errors import UserError, cli_main
-from kd_fracture.models import apply_freeze, count_params, create_model
+from kd_fracture.models import count_params
 from kd_fracture.run_dir import RunDir
 
 # CLI flag (argparse dest) → config key. Everything else: --set KEY=VALUE or --config.
@@ -124,11 +124,9 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
         manifest = resolve_manifest(cfg.data)
         folds = resolve_folds(cfg.data, manifest)
     run = RunDir(cfg.run_dir)
-    trained_on = (io.read_json(run.env) if run.env.exists() else {}).get("manifest_sha256")
-    if trained_on not in (None, manifest.sha256()):  # e.g. a run made before a default of the phantom changed
-        raise UserError(f"{run.env}: this run was trained on other data (manifest sha256 {trained_on[:12]}… vs "
-                        f"{manifest.sha256()[:12]}… of {manifest.root}); its folds and holdout would not match — "
-                        "use a new --run-dir")
+    # e.g. a run made before a default of the phantom changed: its folds and holdout would not match this data
+    run.check_trained_on(manifest.sha256(), manifest.root, "this run was",
+                         "its folds and holdout would not match — use a new --run-dir")
     if engine.is_main():
         run.write_config(cfg)
         run.write_env(cfg.train.seed, str(device), {"dataset": manifest.name, "manifest_sha256": manifest.sha256()})
@@ -218,16 +216,10 @@ def build_model(cfg: CVConfig, pretrained: bool = True) -> torch.nn.Module:
 
     Start weights: phantom domain pretraining (built once, `pretraining.py`) loaded whole, head included, since it
     was trained for this very task and architecture; or a local file (ImageNet) loaded by timm with a fresh head."""
-    m = cfg.model
     phantom = pretrained and pretraining.uses_phantom_weights(cfg)
     file = pretraining.weights_file(cfg) if pretrained else None
-    model = create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, img_size=cfg.data.img_size,
-                         pretrained=None if phantom else file, freeze="none" if phantom else m.freeze,
-                         drop_rate=m.drop_rate, **m.overrides)
-    if phantom:
-        engine.load_weights(model, Path(file))
-        model = apply_freeze(model, m.freeze)
-    return model
+    return pretraining.build(cfg.model, cfg.data.img_size, start=file if phantom else None,
+                             file=None if phantom else file)
 
 
 def load_fold_model(cfg: CVConfig, run: RunDir, k: int | str) -> torch.nn.Module:
@@ -276,7 +268,7 @@ def aggregate(cfg: CVConfig, manifest: Manifest, run: RunDir, device: torch.devi
     io.write_json(run.holdout / "metrics.json",
                   {name: {**res, "fold_thresholds": fold_thresholds, "ci95": ci}
                    for name, (res, ci) in holdout_results.items()})
-    write_reports(cfg, run, fold_results, oof, histories, pred, holdout_results)
+    write_reports(cfg, run, fold_results, oof, histories, pred, holdout_results, fold_thresholds)
 
 
 def score(cfg: CVConfig, pred: pd.DataFrame, threshold: float | None = None) -> tuple[dict, dict]:
@@ -302,7 +294,7 @@ def write_classification_report(pred: pd.DataFrame, threshold: float, out_dir: P
 
 
 def write_reports(cfg: CVConfig, run: RunDir, fold_results: dict, oof: dict, histories: dict,
-                  holdout_pred: pd.DataFrame, holdout_results: dict) -> None:
+                  holdout_pred: pd.DataFrame, holdout_results: dict, fold_thresholds: list[float]) -> None:
     ensemble = holdout_results["fold_ensemble"][0]
     threshold = ensemble["threshold"]  # mean of the fold thresholds (aggregate)
     # pooled OOF: one cut for all folds' studies, the holdout's, so the two per-body-part rows are comparable
@@ -324,7 +316,6 @@ def write_reports(cfg: CVConfig, run: RunDir, fold_results: dict, oof: dict, his
     written += extra_plots(replace(cfg, **{"eval.threshold": threshold}), run, holdout_pred)
     ci = holdout_results["fold_ensemble"][1]["kappa"]
     kappa_ref = ensemble[scoring.AT_REFERENCE]["study"]["kappa"]
-    fold_thresholds = [fold_results[k].get("threshold", threshold) for k in sorted(fold_results)]
     md = cv_table.copy()
     summary = "\n".join([
         f"# {cfg.model.name} — {cfg.data.folds}-fold patient-grouped cross-validation",

@@ -65,7 +65,7 @@ from kd_fracture.data.loaders import (
 )
 from kd_fracture.engine import DistillTask  # noqa: F401  (re-exported: distill.DistillTask)
 from kd_fracture.errors import ConfigError, UserError, cli_main
-from kd_fracture.models import apply_freeze, count_params, create_model
+from kd_fracture.models import count_params
 from kd_fracture.models.student import TIMM_PREFIX
 from kd_fracture.run_dir import RunDir, flatten_config, is_runtime_key
 from kd_fracture.teacher_cache import (
@@ -237,10 +237,8 @@ class Distiller:
         self.cfg, self.teacher, self.out, self.device = cfg, teacher, out, device
         self.data, self.aug = teacher.cfg.data, teacher.cfg.aug
         self.manifest = resolve_manifest(self.data)
-        env = io.read_json(teacher.run.env) if teacher.run.env.exists() else {}
-        if env.get("manifest_sha256") not in (None, self.manifest.sha256()):
-            raise UserError(f"{teacher.run.env}: the teachers were trained on other data (manifest sha256 differs "
-                            f"from {self.manifest.root}); distil on the data of the teacher run")
+        teacher.run.check_trained_on(self.manifest.sha256(), self.manifest.root, "the teachers were",
+                                     "distil on the data of the teacher run")
         self.folds = read_folds_csv(teacher.run.folds)  # the teachers' folds, never re-derived
         self.images = SharedCache(self.manifest.root, self.data.img_size, self.data.cache_images)
         self._rows: dict[int, FoldRows] = {}
@@ -295,13 +293,7 @@ class Distiller:
         s = cfg.student
         start = self.student_start(cfg)
         file = None if start or s.pretrained in (*pretraining.NONE_VALUES, pretraining.AUTO) else s.pretrained
-        model = create_model(s.name, num_classes=s.num_classes, in_chans=s.in_chans, img_size=self.data.img_size,
-                             pretrained=file, freeze="none" if start else s.freeze, drop_rate=s.drop_rate,
-                             **s.overrides)
-        if start is not None:
-            engine.load_weights(model, start)
-            model = apply_freeze(model, s.freeze)
-        return model
+        return pretraining.build(s, self.data.img_size, start=start, file=file)
 
     def train_fold(self, cfg: DistillConfig, k: int, out_dir: Path, epochs: int, name: str
                    ) -> tuple[nn.Module, pd.DataFrame, dict, dict]:

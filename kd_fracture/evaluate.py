@@ -33,6 +33,7 @@ from kd_fracture.data.loaders import SharedCache
 from kd_fracture.data.manifest import SPLITS, Manifest, load_manifest
 from kd_fracture.errors import UserError, cli_main
 from kd_fracture.predict import RunModels, add_model_args, models_from_args
+from kd_fracture.run_dir import RunDir
 
 SPLIT_CHOICES = (*SPLITS, "all")
 
@@ -157,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in caught:
         engine.log(f"warning: {w.message}")
     out = args.out or default_out(args.run, manifest.name, args.split, models)
-    env = Path(args.run) / "env.json"
-    run_sha = io.read_json(env).get("manifest_sha256") if env.is_file() else None
-    report = evaluate_dataset(models, manifest, args.split, out, device, run_sha)
+    report = evaluate_dataset(models, manifest, args.split, out, device, RunDir(args.run).trained_on)
     name = next(k for k in report if k.startswith("fold_"))
     kappa = report[name]["ci95"]["kappa"]
     print((out / "tables" / "metrics.md").read_text())

@@ -74,28 +74,31 @@ def expected_calibration_error(y_true, prob, n_bins: int = ECE_BINS) -> float:
     calibrated. Naeini, Cooper & Hauskrecht 2015 (AAAI), "Obtaining well calibrated probabilities using Bayesian
     binning"; Guo et al. 2017 (ICML), "On calibration of modern neural networks". NaN for no predictions.
     """
-    y = np.asarray(y_true, dtype=float)
     p = np.asarray(prob, dtype=float)
     if len(p) == 0:
         return float("nan")
-    b = np.minimum(np.floor(p * n_bins).astype(int), n_bins - 1)  # (N,) bin index; p = 1 goes to the last bin
-    n_b = np.bincount(b, minlength=n_bins)  # (B,)
-    sum_y = np.bincount(b, weights=y, minlength=n_bins)
-    sum_p = np.bincount(b, weights=p, minlength=n_bins)
+    _, sum_y, sum_p = _bin_sums(y_true, p, n_bins)
     # Σ_b (n_b/N)·|acc_b − conf_b| = Σ_b |Σ_{i∈b} y_i − Σ_{i∈b} p_i| / N
     return float(np.abs(sum_y - sum_p).sum() / len(p))
+
+
+def _bin_sums(y_true, prob, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count, Σ y, Σ p) per equal-width probability bin, each (n_bins,); bin b holds b/B ≤ p < (b+1)/B, p = 1 the
+    last."""
+    y = np.asarray(y_true, dtype=float)
+    p = np.asarray(prob, dtype=float)
+    b = np.minimum(np.floor(p * n_bins).astype(int), n_bins - 1)  # (N,) bin index
+    return (np.bincount(b, minlength=n_bins).astype(float), np.bincount(b, weights=y, minlength=n_bins),
+            np.bincount(b, weights=p, minlength=n_bins))
 
 
 def reliability_bins(y_true, prob, n_bins: int = ECE_BINS) -> pd.DataFrame:
     """Per equal-width bin (as in `expected_calibration_error`): lower/upper edge, count n, conf (mean p), acc
     (positive rate); conf and acc are NaN for empty bins. The reliability diagram's data."""
-    y = np.asarray(y_true, dtype=float)
-    p = np.asarray(prob, dtype=float)
-    b = np.minimum(np.floor(p * n_bins).astype(int), n_bins - 1)
-    n = np.bincount(b, minlength=n_bins).astype(float)
+    n, sum_y, sum_p = _bin_sums(y_true, prob, n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
-        conf = np.bincount(b, weights=p, minlength=n_bins) / n
-        acc = np.bincount(b, weights=y, minlength=n_bins) / n
+        conf = sum_p / n
+        acc = sum_y / n
     edges = np.arange(n_bins + 1) / n_bins
     return pd.DataFrame({"low": edges[:-1], "high": edges[1:], "n": n.astype(int), "conf": conf, "acc": acc})
 

@@ -26,17 +26,34 @@ import torch
 from torch import nn
 
 from kd_fracture import distributed, engine, io
-from kd_fracture.config import CVConfig, DataConfig, DistillConfig, TrainConfig, replace, to_dict
+from kd_fracture.config import CVConfig, DataConfig, DistillConfig, ModelConfig, TrainConfig, replace, to_dict
 from kd_fracture.data.loaders import build_loader, holdout_rows
 from kd_fracture.data.manifest import Manifest, load_manifest
 from kd_fracture.data.synthetic import GENERATOR_VERSION, generate_phantom, phantom_info
 from kd_fracture.errors import ConfigError
-from kd_fracture.models import create_model
+from kd_fracture.models import apply_freeze, create_model
 from kd_fracture.teacher_cache import OnlineTeacher
 
 PHANTOM = "phantom"
 AUTO = "auto"
 NONE_VALUES = (None, "none", "null", "")
+
+
+def build(m: ModelConfig, img_size: int, *, start: str | Path | None = None, file: str | None = None,
+          freeze: str | None = None) -> nn.Module:
+    """`m`'s architecture for `img_size`, frozen per `freeze` (default m.freeze).
+
+    start: weights this package wrote for this very architecture (phantom pretraining, a run's checkpoint): loaded
+    whole, head included, checked against their sidecar, then frozen. file: a local file such as ImageNet weights,
+    which timm adapts (input conv, fresh head). Neither: random init."""
+    freeze = m.freeze if freeze is None else freeze
+    model = create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, img_size=img_size,
+                         pretrained=None if start is not None else file, freeze="none" if start is not None else freeze,
+                         drop_rate=m.drop_rate, **m.overrides)
+    if start is not None:
+        engine.load_weights(model, Path(start))
+        model = apply_freeze(model, freeze)
+    return model
 
 
 def uses_phantom_weights(cfg: CVConfig) -> bool:
@@ -108,8 +125,7 @@ def build_phantom_weights(cfg: CVConfig, path: Path) -> Path:
                f"corpus of {p.patients} patients (seed {p.phantom_seed}, disjoint from the evaluated data), "
                f"{p.train.epochs} epochs")
     engine.seed_everything(p.train.seed)
-    model = create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, img_size=cfg.data.img_size,
-                         drop_rate=m.drop_rate, **m.overrides)
+    model = build(m, cfg.data.img_size, freeze="none")
     return train_on_corpus(cfg, model, lambda rows: engine.SupervisedTask(loss=p.train.loss), p.train, m.in_chans,
                            path, recipe(cfg), "pretrain")
 
@@ -197,15 +213,12 @@ def ensure_student_weights(dcfg: DistillConfig, teacher_cfg: CVConfig, kd: bool)
                   if kd else "hard labels only (the no-KD start)") + f", {p.train.epochs} epochs")
     teacher = None
     if kd:
-        teacher = create_model(teacher_cfg.model.name, num_classes=teacher_cfg.model.num_classes,
-                               in_chans=teacher_cfg.model.in_chans, img_size=teacher_cfg.data.img_size,
-                               drop_rate=teacher_cfg.model.drop_rate, **teacher_cfg.model.overrides)
-        engine.load_weights(teacher, ensure_phantom_weights(teacher_cfg))
+        teacher = build(teacher_cfg.model, teacher_cfg.data.img_size, start=ensure_phantom_weights(teacher_cfg),
+                        freeze="none")
         teacher = OnlineTeacher(teacher.to(engine.resolve_device(teacher_cfg.train.device)),
                                 teacher_cfg.model.in_chans)
     engine.seed_everything(p.train.seed)
-    model = create_model(s.name, num_classes=s.num_classes, in_chans=s.in_chans, img_size=teacher_cfg.data.img_size,
-                         drop_rate=s.drop_rate, **s.overrides)
+    model = build(s, teacher_cfg.data.img_size, freeze="none")
     make_task = ((lambda rows: engine.DistillTask(teacher, p.temperature, p.alpha)) if kd
                  else (lambda rows: engine.SupervisedTask(loss=p.train.loss)))
     return train_on_corpus(teacher_cfg, model, make_task, p.train, s.in_chans, path,

@@ -70,6 +70,18 @@ class RunDir:
             raise UserError(f"{self.config}: this run was made with {k}={old.get(k)!r}, now {new.get(k)!r}; "
                             "use the same settings to resume, or a new --run-dir")
 
+    @property
+    def trained_on(self) -> str | None:
+        """sha256 of the manifest the run was trained on (env.json), None for a run without one."""
+        return io.read_json(self.env).get("manifest_sha256") if self.env.exists() else None
+
+    def check_trained_on(self, manifest_sha256: str, root: Path, what: str, fix: str) -> None:
+        """UserError unless the run was trained on this manifest (or records none): its folds and holdout, or its
+        teachers, belong to the data it was made with."""
+        if self.trained_on not in (None, manifest_sha256):
+            raise UserError(f"{self.env}: {what} trained on other data (manifest sha256 {self.trained_on[:12]}… vs "
+                            f"{manifest_sha256[:12]}… of {root}); {fix}")
+
     def write_config(self, cfg: Any) -> None:
         io.write_yaml(self.config, to_dict(cfg))
 

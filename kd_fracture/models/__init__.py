@@ -13,14 +13,16 @@ from torch import nn
 from kd_fracture.errors import UserError
 from kd_fracture.models.student import (STUDENT_REGISTRY, TIMM_PREFIX, HybridConfig, HybridStudent, create_student,
                                         is_student_name)
-from kd_fracture.models.teacher import FREEZE_MODES, apply_freeze, classifier_names, create_teacher, freeze_backbone
+from kd_fracture.models.teacher import (FREEZE_MODES, apply_freeze, check_freeze_mode, classifier_names, create_teacher,
+                                        freeze_backbone)
 
 MIN_CAM_SIDE = 7
 """Smallest Grad-CAM map side worth showing: ResNet-50's layer4 at 224 px."""
 
 __all__ = [
-    "FREEZE_MODES", "STUDENT_REGISTRY", "apply_freeze", "HybridConfig", "HybridStudent", "classifier_param_names", "count_params",
-    "create_model", "create_student", "create_teacher", "grad_cam_target_layer", "is_student_name",
+    "FREEZE_MODES", "STUDENT_REGISTRY", "HybridConfig", "HybridStudent", "apply_freeze", "classifier_param_names",
+    "count_params", "create_model", "create_student", "create_teacher", "freeze_backbone", "grad_cam_target_layer",
+    "is_student_name",
 ]
 
 
@@ -37,8 +39,7 @@ def create_model(name: str, *, num_classes: int = 1, in_chans: int = 3, img_size
         if pretrained is not None:
             raise UserError(f"--pretrained: student '{name}' starts from random init; "
                             f"only timm models load weights files")
-        if freeze not in FREEZE_MODES:
-            raise UserError(f"--freeze '{freeze}' is not one of {', '.join(FREEZE_MODES)}")
+        check_freeze_mode(freeze)
         if drop_rate is not None:
             overrides["drop_rate"] = drop_rate
         model = create_student(name, in_chans=in_chans, num_classes=num_classes, img_size=img_size, **overrides)

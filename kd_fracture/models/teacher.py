@@ -19,7 +19,8 @@ from torch import nn
 
 from kd_fracture.errors import UserError
 
-__all__ = ["FREEZE_MODES", "apply_freeze", "create_teacher", "create_timm_model", "freeze_backbone"]
+__all__ = ["FREEZE_MODES", "apply_freeze", "check_freeze_mode", "create_teacher", "create_timm_model",
+           "freeze_backbone"]
 
 FREEZE_MODES = ("none", "backbone", "bn")
 
@@ -115,12 +116,17 @@ def freeze_backbone(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_freeze_mode(mode: str) -> None:
+    """UserError for a freeze mode that is not one of FREEZE_MODES (checked before a model is built)."""
+    if mode not in FREEZE_MODES:
+        raise UserError(f"--freeze '{mode}' is not one of {', '.join(FREEZE_MODES)}")
+
+
 def apply_freeze(model: nn.Module, mode: str) -> nn.Module:
     """none | backbone (train only the classifier, `freeze_backbone`) | bn (train every weight, but every BatchNorm
     becomes timm's `FrozenBatchNorm2d`: running statistics and affine parameters stay those of the start weights,
     the usual way to fine-tune a pretrained CNN on a few hundred images with small batches)."""
-    if mode not in FREEZE_MODES:
-        raise UserError(f"--freeze '{mode}' is not one of {', '.join(FREEZE_MODES)}")
+    check_freeze_mode(mode)
     if mode == "backbone":
         return freeze_backbone(model)
     if mode == "bn":
@@ -135,8 +141,7 @@ def create_teacher(name: str = "resnet50", num_classes: int = 1, in_chans: int =
 
     freeze="backbone" reproduces the frozen-feature-extractor arm of the frozen-vs-fine-tuned comparison.
     """
-    if freeze not in FREEZE_MODES:
-        raise UserError(f"--freeze '{freeze}' is not one of {', '.join(FREEZE_MODES)}")
+    check_freeze_mode(freeze)
     model = create_timm_model(name, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
                               img_size=img_size, drop_rate=drop_rate, **kwargs)
     return apply_freeze(model, freeze)
