@@ -292,7 +292,7 @@ class Distiller:
     def build_student(self, cfg: DistillConfig) -> nn.Module:
         s = cfg.student
         start = self.student_start(cfg)
-        file = None if start or s.pretrained in (*pretraining.NONE_VALUES, pretraining.AUTO) else s.pretrained
+        file = None if start else pretraining.local_file(s.pretrained)
         return pretraining.build(s, self.data.img_size, start=start, file=file)
 
     def train_fold(self, cfg: DistillConfig, k: int, out_dir: Path, epochs: int, name: str

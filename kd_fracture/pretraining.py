@@ -64,10 +64,14 @@ def uses_phantom_weights(cfg: CVConfig) -> bool:
 
 def weights_file(cfg: CVConfig) -> str | None:
     """The local weights file a fresh fold model starts from (None = random init); builds phantom weights if needed."""
-    value = cfg.model.pretrained
     if uses_phantom_weights(cfg):
         return str(ensure_phantom_weights(cfg))
-    return None if value in NONE_VALUES or value == AUTO else value
+    return local_file(cfg.model.pretrained)
+
+
+def local_file(value: str | None) -> str | None:
+    """A `pretrained` value that names a local weights file, else None (none/null/auto, or phantom already handled)."""
+    return None if value in NONE_VALUES or value in (AUTO, PHANTOM) else value
 
 
 def recipe(cfg: CVConfig) -> dict:
