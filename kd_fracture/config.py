@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class PhantomConfig:
-    """The synthetic MURA-layout phantom used when no `--data` is given (DESIGN §2.3)."""
+    """The synthetic MURA-layout phantom used when no `--data` is given (docs/design.md §2)."""
 
     patients: int = 400
     size: int = 64
@@ -131,6 +131,10 @@ class TrainConfig:
     """channels_last (NHWC) memory format for model and inputs; faster on CUDA and on CPU (oneDNN)."""
     threads: int | None = None
     """torch CPU threads; null = torch's default."""
+    state_interval_min: float = 10.0
+    """Minutes between writes of the resumable state_last.pt (model + optimizer, ≈ 270 MB for ResNet-50): written
+    at the end of an epoch once this long has passed since the last write (0 = every epoch). A killed run resumes
+    from the last write; finished folds drop the file (keep_state)."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,8 @@ class PretrainConfig:
 class CVConfig:
     """`python -m kd_fracture.cv`: K-fold teacher cross-validation + holdout."""
 
-    run_dir: str = "runs/teacher_resnet50"
+    run_dir: str | None = None
+    """null → runs/<dataset>/<model> (runs.rundir.default_run_dir): phantom and MURA runs never share a folder."""
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=lambda: AugConfig(rotate_limit=0.0, rrc_scale_min=1.0,
                                                              brightness_contrast=0.0))
@@ -193,6 +198,8 @@ class CVConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     refit: bool = False
     """Also train one model on the whole CV pool and report it beside the fold-ensemble."""
+    keep_state: bool = False
+    """Keep state_last.pt (optimizer state) of DONE folds; by default a finished fold keeps only its weights."""
     sweep: dict = field(default_factory=dict)
     """Backbone sweep: {name: {overrides}} entries run on the same folds, then compared (see studies/backbone_sweep.yaml)."""
 
@@ -236,9 +243,10 @@ DEFAULT_SEARCH_SPACE: dict = {
 
 @dataclass(frozen=True)
 class SearchConfig:
-    study: str = "distill_hybrid"
+    study: str | None = None
+    """null → <dataset>-<teacher model>-<student> of the teacher run (pipelines.distill.default_study)."""
     storage: str | None = None
-    """null → sqlite:///studies/<study>.db; postgresql://…, mysql://…, journal:PATH."""
+    """null → sqlite:///<teacher_run>/distill/<study>.db; postgresql://…, mysql://…, journal:PATH."""
     n_trials: int = 8
     """Target number of finished (complete + pruned) trials in the study; a rerun or another worker adds only the
     missing ones, so raise it to search further."""
@@ -271,7 +279,8 @@ class SearchConfig:
 class DistillConfig:
     """`python -m kd_fracture.distill`: KD into the hybrid student with an Optuna search."""
 
-    teacher_run: str = "runs/teacher_resnet50"
+    teacher_run: str = "runs/phantom/resnet50"
+    """The teacher cv run (cv's default run directory on the phantom); the study lives in <teacher_run>/distill/."""
     student: ModelConfig = field(default_factory=lambda: ModelConfig(name="hybrid_s", in_chans=1, drop_rate=0.1,
                                                                      pretrained="auto"))
     """pretrained: auto = phantom student pretraining (`pretrain` below) when the teacher run started from phantom
@@ -291,6 +300,8 @@ class DistillConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     latency_threads: int = 1
     """torch CPU threads while timing batch-1 latency (fixed, so rows are comparable across machines' loads)."""
+    keep_state: bool = False
+    """Keep state_last.pt (optimizer state) of the final students' DONE folds."""
     onnx: bool = True
     """Export the KD student's fold ensemble to student.onnx (checked against torch when onnxruntime is installed)."""
 

@@ -4,7 +4,7 @@
 
 torchrun starts N copies of the command with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set;
 `init_from_env` joins them into one process group. A plain `python -m ...` (no WORLD_SIZE, or WORLD_SIZE=1) stays a
-single process and every helper here is a no-op. Conventions (DESIGN §10): every rank trains on its shard of each
+single process and every helper here is a no-op. Conventions (docs/design.md §9): every rank trains on its shard of each
 training batch (`data.dataset.ShardedRandomSampler`), every rank evaluates the whole (small) inner-validation split
 so all ranks take the same early-stopping decision, and only rank 0 writes files.
 """

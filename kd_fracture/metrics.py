@@ -1,4 +1,4 @@
-"""Image- and study-level metrics (DESIGN §6), computed with sklearn.
+"""Image- and study-level metrics (docs/design.md §6), computed with sklearn.
 
 MURA's metric (Rajpurkar et al. 2017) is study-level: a study's probability is the mean of its images'
 probabilities, its prediction is `prob >= threshold`, and agreement with the radiologists' label is Cohen's κ.
@@ -159,7 +159,7 @@ def choose_threshold(pred: pd.DataFrame, rule: str, fixed: float = 0.5) -> float
 
 
 def evaluate(pred: pd.DataFrame, threshold: float = 0.5) -> dict:
-    """All metrics of DESIGN §6 from image-level predictions.
+    """All metrics of docs/design.md §6 from image-level predictions.
 
     Returns {"n_images", "n_studies", "threshold", "image": {auroc, brier, ece, auprc},
              "study": {kappa, auroc, ..., brier, ece, auprc}, "per_body_part": {part: {n_studies, kappa, ...}},

@@ -1,4 +1,4 @@
-"""Optuna search over the distillation hyper-parameters (DESIGN §9; suggest → train → report → prune).
+"""Optuna search over the distillation hyper-parameters (docs/design.md §8; suggest → train → report → prune).
 
     space = parse_space(cfg.search.space, cfg)                        # from studies/distill_hybrid.yaml
     study = open_study(cfg.search, fingerprint={...})                  # sqlite:///studies/<study>.db, load_if_exists
@@ -430,7 +430,7 @@ def plot_study(study: optuna.Study, plots_dir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    from kd_fracture.engine import log
+    from kd_fracture.train.engine import log
 
     plots_dir = Path(plots_dir)
     written = []

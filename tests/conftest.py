@@ -34,4 +34,5 @@ def tiny_cv_overrides(tiny_phantom, tmp_path):
         "train.batch_size": 16,
         "train.warmup_epochs": 0,
         "eval.bootstrap": 50,
+        "train.state_interval_min": 0,  # state_last.pt every epoch, so resume tests can stop after any epoch
     }

@@ -15,8 +15,11 @@ import yaml
 from scipy import stats
 
 from kd_fracture import compare, cv
+from kd_fracture.cli import cv as cv_cli
+from kd_fracture.report import compare as compare_report
 from kd_fracture.config import CVConfig, load_config, read_yaml
 from kd_fracture.errors import ConfigError
+from kd_fracture.pipelines import sweep as sweeps
 
 STUDIES = Path(__file__).parents[1] / "studies"
 
@@ -27,20 +30,20 @@ STUDIES = Path(__file__).parents[1] / "studies"
 def test_corrected_resampled_ttest_matches_formula_and_is_more_conservative():
     d = np.array([0.02, 0.05, -0.01, 0.04, 0.03])
     n_train, n_test = 400.0, 100.0
-    t, p = compare.corrected_resampled_ttest(d, n_train, n_test)
+    t, p = compare_report.corrected_resampled_ttest(d, n_train, n_test)
     expected_t = d.mean() / math.sqrt((1 / 5 + 100 / 400) * d.var(ddof=1))
     assert t == pytest.approx(expected_t)
     assert p == pytest.approx(2 * stats.t.sf(abs(expected_t), df=4))
     naive = stats.ttest_rel(d, np.zeros_like(d))  # var/K only: ignores the overlap of the training sets
     assert abs(t) < abs(naive.statistic) and p > naive.pvalue
-    assert compare.corrected_resampled_ttest(-d, n_train, n_test) == pytest.approx((-t, p))
+    assert compare_report.corrected_resampled_ttest(-d, n_train, n_test) == pytest.approx((-t, p))
 
 
 def test_corrected_resampled_ttest_degenerate_cases():
-    assert compare.corrected_resampled_ttest(np.zeros(3), 10, 5) == (0.0, 1.0)
-    t, p = compare.corrected_resampled_ttest(np.full(3, 0.1), 10, 5)
+    assert compare_report.corrected_resampled_ttest(np.zeros(3), 10, 5) == (0.0, 1.0)
+    t, p = compare_report.corrected_resampled_ttest(np.full(3, 0.1), 10, 5)
     assert t == math.inf and p == 0.0
-    assert all(math.isnan(v) for v in compare.corrected_resampled_ttest(np.array([0.1]), 10, 5))
+    assert all(math.isnan(v) for v in compare_report.corrected_resampled_ttest(np.array([0.1]), 10, 5))
 
 
 # ---------------------------------------------------------------------------------------------------- sweep + compare
@@ -88,7 +91,7 @@ def test_sweep_runs_every_entry_on_the_same_folds_and_compares(sweep):
     folds = pd.read_csv(sweep / "frozen" / "folds.csv")
     n_test = folds["fold"].value_counts().mean()
     d = np.subtract(fold_kappa["finetuned"], fold_kappa["frozen"])
-    expected = compare.corrected_resampled_ttest(d, len(folds) - n_test, n_test)
+    expected = compare_report.corrected_resampled_ttest(d, len(folds) - n_test, n_test)
     assert (tests.loc[0, "t"], tests.loc[0, "p_value"]) == pytest.approx(expected, nan_ok=True)
 
 
@@ -123,22 +126,22 @@ def test_presets_exist_and_resolve():
     assert head.model.name == "resnet18" and head.model.freeze == "backbone" and not head.sweep
 
     sweep = load_config(CVConfig, STUDIES / "backbone_sweep.yaml")
-    entries = compare.sweep_configs(sweep)
+    entries = sweeps.sweep_configs(sweep)
     assert {c.model.name for c in entries.values()} == {"resnet18", "resnet50", "densenet121", "efficientnet_b2",
                                                        "vgg16"}
     assert entries["efficientnet_b2"].data.img_size == 260 and entries["resnet50"].data.img_size == 224
-    quick = compare.sweep_configs(sweep, {"data.img_size": 64, "train.epochs": 2, "run_dir": "elsewhere"})
+    quick = sweeps.sweep_configs(sweep, {"data.img_size": 64, "train.epochs": 2, "run_dir": "elsewhere"})
     assert {c.data.img_size for c in quick.values()} == {64} and {c.train.epochs for c in quick.values()} == {2}
     assert quick["vgg16"].run_dir == str(Path("runs/backbone_sweep/vgg16"))
 
-    ff = compare.sweep_configs(load_config(CVConfig, STUDIES / "resnet50_frozen_vs_finetuned.yaml"))
+    ff = sweeps.sweep_configs(load_config(CVConfig, STUDIES / "resnet50_frozen_vs_finetuned.yaml"))
     assert {n: (c.model.name, c.model.freeze) for n, c in ff.items()} == {
         "frozen": ("resnet50", "backbone"), "finetuned": ("resnet50", "none")}
 
 
 @pytest.mark.parametrize("path", sweep_presets(), ids=lambda p: p.name)
 def test_every_sweep_entry_names_a_known_model(path):
-    for name, cfg in compare.sweep_configs(load_config(CVConfig, path)).items():
+    for name, cfg in sweeps.sweep_configs(load_config(CVConfig, path)).items():
         assert timm.is_model(cfg.model.name), (path.name, name)
 
 
@@ -151,16 +154,15 @@ def test_every_sweep_entry_names_a_known_model(path):
 ])
 def test_bad_sweep_entries_are_config_errors(sweep, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        compare.sweep_configs(load_config(CVConfig, None, {"sweep": sweep}))
+        sweeps.sweep_configs(load_config(CVConfig, None, {"sweep": sweep}))
 
 
 def test_sweep_flags_beat_entries_and_sweep_flags_reach_one_entry():
     cfg = load_config(CVConfig, STUDIES / "backbone_sweep.yaml",
                       {"sweep.resnet50.model.pretrained": "/w/resnet50.safetensors"})
-    args = argparse.Namespace(config=None, set_=["sweep.resnet50.model.pretrained=/w/resnet50.safetensors"],
-                              **{flag: None for flag in cv.FLAGS})
-    args.img_size = 96
-    entries = compare.sweep_configs(cfg, compare.overrides_from_args(args, cv.FLAGS))
+    parser, flags = cv_cli.build_parser()
+    args = parser.parse_args(["--img-size", "96", "--set", "sweep.resnet50.model.pretrained=/w/resnet50.safetensors"])
+    entries = sweeps.sweep_configs(cfg, flags.overrides(args))
     assert entries["resnet50"].model.pretrained == "/w/resnet50.safetensors"
     assert entries["resnet50"].model.name == "resnet50"  # `model.name:` and the nested `model:` merge
     assert entries["resnet18"].model.pretrained == "auto"  # the default: phantom weights on the phantom only

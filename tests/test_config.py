@@ -86,7 +86,7 @@ def test_invalid_yaml_names_line(tmp_path):
 
 def test_key_missing_from_an_older_run_config_is_compatible_at_its_default(tmp_path):
     """A run made before a key existed (e.g. eval.threshold_rule) resumes at that key's default, not at another."""
-    from kd_fracture.run_dir import RunDir
+    from kd_fracture.runs.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     cfg = load_config(CVConfig, None, {"run_dir": str(run.path)})
@@ -102,6 +102,6 @@ def test_key_missing_from_an_older_run_config_is_compatible_at_its_default(tmp_p
 def test_threshold_rule_is_checked_before_training(tmp_path, capsys):
     from kd_fracture import cv
 
-    assert cv.main(["--run-dir", str(tmp_path / "run"), "--set", "eval.threshold_rule=f1"]) == 2
+    assert cv.main(["--out", str(tmp_path / "run"), "--set", "eval.threshold_rule=f1"]) == 2
     assert "eval.threshold_rule 'f1' is not one of fixed, youden, max_kappa" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

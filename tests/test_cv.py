@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from kd_fracture import cv, engine, metrics
+from kd_fracture import cv, metrics
+from kd_fracture.train import engine
 from kd_fracture.config import CVConfig, load_config
 
 DOCUMENTED = [
     "config.yaml", "env.json", "folds.csv",
-    *[f"fold_{k}/{f}" for k in (0, 1) for f in ("checkpoint_best.safetensors", "state_last.pt", "history.csv",
+    *[f"fold_{k}/{f}" for k in (0, 1) for f in ("checkpoint_best.safetensors", "history.csv",
                                                   "inner_val_predictions.csv", "oof_predictions.csv", "metrics.json",
                                                   "DONE")],
     "holdout/predictions.csv", "holdout/metrics.json",
@@ -100,7 +102,7 @@ def test_rerun_skips_done_folds_and_aggregate_only(tiny_cv_overrides, tmp_path, 
     monkeypatch.setattr(engine, "fit", lambda *a, **k: calls.append(1))
     assert cv.main(cli_args(tiny_cv_overrides)) == 0
     assert not calls and (run / "fold_0" / "checkpoint_best.safetensors").stat().st_mtime_ns == before
-    assert cv.main(["--run-dir", str(run), "--aggregate"]) == 0  # config comes from the run dir
+    assert cv.main(["--out", str(run), "--aggregate"]) == 0  # config comes from the run dir
 
 
 def test_aggregate_names_missing_folds(tiny_cv_overrides, tmp_path, capsys):
@@ -108,7 +110,7 @@ def test_aggregate_names_missing_folds(tiny_cv_overrides, tmp_path, capsys):
     run = tmp_path / "run"
     assert (run / "fold_0" / "DONE").exists() and not (run / "fold_1").exists()
     assert not (run / "tables").exists()
-    assert cv.main(["--run-dir", str(run), "--aggregate"]) == 2
+    assert cv.main(["--out", str(run), "--aggregate"]) == 2
     assert "fold(s) [1] are not finished" in capsys.readouterr().err
 
 
@@ -161,7 +163,33 @@ def test_run_on_other_data_is_refused_before_anything_is_written(tiny_cv_overrid
     env["manifest_sha256"] = "0" * 64
     env_path.write_text(json.dumps(env))
     summary = (tmp_path / "run" / "summary.md").stat().st_mtime_ns
-    assert cv.main(["--run-dir", str(tmp_path / "run"), "--aggregate"]) == 2
+    assert cv.main(["--out", str(tmp_path / "run"), "--aggregate"]) == 2
     assert "trained on other data" in capsys.readouterr().err
     assert (tmp_path / "run" / "summary.md").stat().st_mtime_ns == summary
     assert json.loads(env_path.read_text())["manifest_sha256"] == "0" * 64  # env.json not overwritten
+
+
+def test_done_folds_drop_their_state_unless_keep_state(tiny_cv_overrides, tmp_path):
+    """Run dirs stay small: a DONE fold keeps its weights, not its optimizer state (--keep-state keeps it)."""
+    over = dict(tiny_cv_overrides, **{"data.folds": 2})
+    assert cv.main(cli_args(over) + ["--fold", "0"]) == 0
+    fold = Path(over["run_dir"]) / "fold_0"
+    assert (fold / "DONE").exists() and (fold / "checkpoint_best.safetensors").exists()
+    assert not (fold / "state_last.pt").exists() and not (fold / "state_last.pt.json").exists()
+    kept = dict(over, run_dir=str(tmp_path / "kept"))
+    assert cv.main(cli_args(kept) + ["--fold", "0", "--keep-state"]) == 0
+    assert (tmp_path / "kept" / "fold_0" / "state_last.pt").exists()
+
+
+def test_state_is_written_at_most_every_state_interval(tiny_cv_overrides, tmp_path, monkeypatch):
+    """train.state_interval_min throttles the ~2× weights-sized state write: with 10 min, a 2-epoch fold of a few
+    seconds writes none; with 0, one per epoch."""
+    writes = []
+    real = engine.save_state
+    monkeypatch.setattr(engine, "save_state", lambda path, state: (writes.append(state["epoch"]), real(path, state)))
+    over = dict(tiny_cv_overrides, **{"data.folds": 2, "train.epochs": 2, "train.patience": 5})
+    assert cv.main(cli_args(dict(over, **{"train.state_interval_min": 10})) + ["--fold", "0"]) == 0
+    assert writes == []
+    again = dict(over, run_dir=str(tmp_path / "every_epoch"))
+    assert cv.main(cli_args(again) + ["--fold", "0"]) == 0  # conftest: state_interval_min = 0
+    assert writes == [0, 1]

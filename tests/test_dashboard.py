@@ -12,7 +12,7 @@ import urllib.request
 import optuna
 import pytest
 
-from kd_fracture import dashboard
+from kd_fracture.cli import dashboard
 
 
 def free_port() -> int:
@@ -83,7 +83,10 @@ def test_missing_study_database_is_an_error_not_a_new_file(tmp_path, capsys):
     assert not db.exists()
 
 
-def test_default_storage_is_the_default_distill_study():
+def test_default_storage_is_the_default_distill_study(tmp_path, monkeypatch, capsys):
+    """No --storage: the study database distill writes by default for the quick start's teacher run."""
+    monkeypatch.chdir(tmp_path)
     args = dashboard.build_parser().parse_args([])
-    assert args.storage == "sqlite:///studies/distill_hybrid.db"
-    assert (args.host, args.port) == ("127.0.0.1", 8080)
+    assert (args.run, args.storage, args.host, args.port) == ("runs/phantom/resnet50", None, "127.0.0.1", 8080)
+    assert dashboard.main([]) == 2  # no study yet: says so, names the database distill would write
+    assert "runs/phantom/resnet50/distill/phantom-resnet50-hybrid_s.db" in capsys.readouterr().err

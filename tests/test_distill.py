@@ -12,12 +12,19 @@ import pytest
 import torch
 import yaml
 
-from kd_fracture import cv, distill, engine, metrics, teacher_cache
+from kd_fracture import cv, distill, metrics
+from kd_fracture.train import checkpoint, engine, teacher_cache
 from kd_fracture.config import CVConfig, load_config
 from kd_fracture.data.dataset import CLEAN_VIEW
 from kd_fracture.data.folds import read_folds_csv
 from kd_fracture.data.loaders import build_loader, fold_rows, resolve_manifest
 from kd_fracture.models import create_model
+from kd_fracture.train import tasks
+from kd_fracture.runs.models import load_teacher_run
+from kd_fracture.pipelines.cv import run_cv
+from kd_fracture.cli import distill as distill_cli
+from kd_fracture.train.checkpoint import BEST, load_weights, save_weights
+from kd_fracture.config import DistillConfig
 
 VIEWS = 2
 SEED = 7
@@ -39,8 +46,8 @@ def teacher_run(tiny_phantom, tmp_path_factory):
         "data.manifests_dir": str(tmp / "manifests"), "data.inner_val_frac": 0.2, "model.name": "resnet10t",
         "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 50,
         "train.threads": 1})
-    cv.run_cv(cfg)
-    return distill.load_teacher_run(cfg.run_dir)
+    run_cv(cfg)
+    return load_teacher_run(cfg.run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,7 @@ def build_cache(teacher_run, fold0, cache_dir, checkpoint=None, views=VIEWS, loa
     def load():
         if loads is not None:
             loads.append(1)
-        return engine.load_weights(create_model(t.model.name, in_chans=t.model.in_chans, img_size=t.data.img_size),
-                                   checkpoint)
+        return load_weights(create_model(t.model.name, in_chans=t.model.in_chans, img_size=t.data.img_size), checkpoint)
 
     return teacher_cache.load_or_build(cache_dir, load, checkpoint, t.model, rows.train, manifest, t.data, t.aug,
                                        views=views, seed=SEED, device=torch.device("cpu"), batch_size=64)
@@ -109,13 +115,13 @@ def test_cache_replays_identical_views(teacher_run, fold0, tmp_path):
 
 
 def test_cache_is_reused_and_rebuilt_when_teacher_changes(teacher_run, fold0, tmp_path, capsys):
-    checkpoint = tmp_path / "teacher" / engine.BEST
-    checkpoint.parent.mkdir()
-    for name in (engine.BEST, engine.BEST + ".json"):
-        shutil.copy(teacher_run.run.fold(0) / name, checkpoint.parent / name)
+    ckpt = tmp_path / "teacher" / BEST
+    ckpt.parent.mkdir()
+    for name in (BEST, BEST + ".json"):
+        shutil.copy(teacher_run.run.fold(0) / name, ckpt.parent / name)
     loads = []
-    first = build_cache(teacher_run, fold0, tmp_path / "cache", checkpoint, loads=loads)
-    again = build_cache(teacher_run, fold0, tmp_path / "cache", checkpoint, loads=loads)
+    first = build_cache(teacher_run, fold0, tmp_path / "cache", ckpt, loads=loads)
+    again = build_cache(teacher_run, fold0, tmp_path / "cache", ckpt, loads=loads)
     assert first.rebuilt and not again.rebuilt and loads == [1]  # a valid cache never loads the teacher
     assert torch.equal(first.logits, again.logits)
     meta = json.loads((tmp_path / "cache" / "teacher_logits.safetensors.json").read_text())
@@ -124,13 +130,13 @@ def test_cache_is_reused_and_rebuilt_when_teacher_changes(teacher_run, fold0, tm
     model = teacher_run.load(0)  # a changed teacher: same architecture, other weights
     with torch.no_grad():
         model.get_classifier().bias.add_(3.0)
-    engine.save_weights(model, checkpoint)
-    changed = build_cache(teacher_run, fold0, tmp_path / "cache", checkpoint, loads=loads)
+    save_weights(model, ckpt)
+    changed = build_cache(teacher_run, fold0, tmp_path / "cache", ckpt, loads=loads)
     assert changed.rebuilt and changed.key != first.key and len(loads) == 2
     assert torch.allclose(changed.logits, first.logits + 3.0, atol=1e-4)
     assert "stale (teacher_sha256 changed)" in capsys.readouterr().err
 
-    more_views = build_cache(teacher_run, fold0, tmp_path / "cache", checkpoint, views=3, loads=loads)
+    more_views = build_cache(teacher_run, fold0, tmp_path / "cache", ckpt, views=3, loads=loads)
     assert more_views.rebuilt and more_views.logits.shape[1] == 4
 
 
@@ -155,7 +161,7 @@ def test_gradients_reach_every_student_parameter():
              "index": torch.tensor([0, 3, 5, 7, 9, 2]), "view": torch.tensor([0, 1, -1, 1, 0, 0])}
     for alpha in (1.0, 0.5):  # pure KD (only the teacher term) and the mixed loss
         student.zero_grad()
-        task = distill.DistillTask(teacher_cache.CachedTeacher(logits), temperature=4.0, alpha=alpha)
+        task = tasks.DistillTask(teacher_cache.CachedTeacher(logits), temperature=4.0, alpha=alpha)
         parts = task.losses(student, batch, epoch=0)
         assert set(parts) == {"loss", "kd", "ce"}
         parts["loss"].backward()
@@ -174,8 +180,8 @@ def test_online_teacher_gives_the_same_loss_as_cached_views(teacher_run, fold0, 
     batch = next(iter(loader))
     torch.manual_seed(0)
     student = create_model("hybrid_t", in_chans=1, img_size=32).eval()  # eval: no dropout between the two calls
-    cached = distill.DistillTask(teacher_cache.CachedTeacher(cache), temperature=3.0, alpha=0.6)
-    online = distill.DistillTask(teacher_cache.OnlineTeacher(teacher_run.load(0), in_chans=3), temperature=3.0,
+    cached = tasks.DistillTask(teacher_cache.CachedTeacher(cache), temperature=3.0, alpha=0.6)
+    online = tasks.DistillTask(teacher_cache.OnlineTeacher(teacher_run.load(0), in_chans=3), temperature=3.0,
                                  alpha=0.6)
     a, b = cached.losses(student, batch, 1), online.losses(student, batch, 1)
     for part in ("loss", "kd", "ce"):
@@ -188,7 +194,7 @@ def test_online_teacher_gives_the_same_loss_as_cached_views(teacher_run, fold0, 
 
 
 def distill_args(teacher_run, tmp_path, *extra):
-    return ["--teacher-run", str(teacher_run.run.path), "--storage", f"sqlite:///{tmp_path / 'study.db'}",
+    return ["--run", str(teacher_run.run.path), "--storage", f"sqlite:///{tmp_path / 'study.db'}",
             "--study", "tiny", "--n-trials", "2", "--student", "hybrid_t", "--epochs", "1", "--search-epochs", "1",
             "--views", str(VIEWS), "--set", "train.batch_size=16", "--set", "train.warmup_epochs=0",
             "--set", "eval.bootstrap=50", "--set", "latency_threads=1", "--threads", "1", *extra]
@@ -201,7 +207,7 @@ DOCUMENTED = ["config.yaml", "env.json", "trials.csv", "best_params.yaml", "stud
               *[f"plots/optuna_{p}.png" for p in ("history", "importances", "parallel")]]
 VARIANT_FILES = ["config.yaml", "holdout/predictions.csv", "holdout/metrics.json", "tables/cv_folds.csv",
                  "summary.md", "plots/pr.png", "plots/calibration.png", *[f"fold_{k}/{f}" for k in (0, 1) for f in (
-                     "checkpoint_best.safetensors", "state_last.pt", "history.csv", "inner_val_predictions.csv",
+                     "checkpoint_best.safetensors", "history.csv", "inner_val_predictions.csv",
                      "oof_predictions.csv", "metrics.json", "DONE")]]
 
 
@@ -209,7 +215,7 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
     # a private copy of the teacher run: the study goes into <teacher_run>/distill/
     run = tmp_path / "teacher"
     shutil.copytree(teacher_run.run.path, run)
-    teacher = distill.load_teacher_run(run)
+    teacher = load_teacher_run(run)
     args = distill_args(teacher, tmp_path, "--set", "baselines=[no_kd, 'timm:mobilevit_xxs']")
     assert distill.main(args) == 0
     out = run / "distill" / "tiny"
@@ -223,7 +229,7 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
     best = yaml.safe_load((out / "best_params.yaml").read_text())
     assert len(trials) == 2 and set(trials["state"]) == {"COMPLETE"}
     assert best["value"] == pytest.approx(trials["value"].max())
-    assert set(best["params"]) == set(load_config(distill.DistillConfig).search.space)
+    assert set(best["params"]) == set(load_config(DistillConfig).search.space)
     kd_cfg = yaml.safe_load((out / "final" / "hybrid_t_kd" / "config.yaml").read_text())
     assert kd_cfg["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
     assert kd_cfg["train"]["weight_decay"] == pytest.approx(best["params"]["train.weight_decay"])
@@ -278,7 +284,7 @@ def test_missing_teacher_run_says_which_command_to_run(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     assert distill.main([]) == 2
     err = capsys.readouterr().err
-    assert "runs/teacher_resnet50: no teacher run here" in err and "python -m kd_fracture.cv --folds 5" in err
+    assert "runs/phantom/resnet50: no teacher run here" in err and "python -m kd_fracture.cv --folds 5" in err
     assert not (tmp_path / "studies").exists()  # nothing written before the teacher run is found
 
 
@@ -286,7 +292,7 @@ def test_unfinished_teacher_run_is_refused(teacher_run, tmp_path, capsys):
     run = tmp_path / "teacher"
     shutil.copytree(teacher_run.run.path, run)
     (run / "fold_1" / "DONE").unlink()
-    assert distill.main(["--teacher-run", str(run)]) == 2
+    assert distill.main(["--run", str(run)]) == 2
     assert "teacher fold(s) [1] are not finished" in capsys.readouterr().err
 
 
@@ -297,8 +303,8 @@ def test_mixup_is_refused(teacher_run, tmp_path, capsys):
 
 def test_student_flag_keeps_the_distill_student_defaults(tmp_path):
     """`--student hybrid_t` changes the name only: in_chans stays the student's 1, not ModelConfig's 3."""
-    args = distill.build_parser().parse_args(["--teacher-run", str(tmp_path), "--student", "hybrid_t",
-                                              "--set", "train.batch_size=16"])
-    cfg = distill.resolve_config(args)
+    parser, flags = distill_cli.build_parser()
+    args = parser.parse_args(["--run", str(tmp_path), "--student", "hybrid_t", "--set", "train.batch_size=16"])
+    cfg = distill_cli.resolve_config(args, flags)
     assert (cfg.student.name, cfg.student.in_chans, cfg.student.drop_rate) == ("hybrid_t", 1, 0.1)
-    assert (cfg.train.batch_size, cfg.train.epochs) == (16, distill.DistillConfig().train.epochs)
+    assert (cfg.train.batch_size, cfg.train.epochs) == (16, DistillConfig().train.epochs)

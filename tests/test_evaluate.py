@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from kd_fracture import engine, evaluate, metrics
+from kd_fracture.train import checkpoint, engine
+from kd_fracture import evaluate, metrics
 from kd_fracture.config import CVConfig, load_config
 from kd_fracture.models import create_model
-from kd_fracture.run_dir import RunDir
+from kd_fracture.runs.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def fake_run(tiny_phantom, tmp_path_factory) -> Path:
     RunDir(path).write_config(cfg)
     for k in (0, 1):
         torch.manual_seed(k)
-        engine.save_weights(create_model("resnet10t", img_size=32), path / f"fold_{k}" / engine.BEST)
+        checkpoint.save_weights(create_model("resnet10t", img_size=32), path / f"fold_{k}" / checkpoint.BEST)
     return path
 
 

@@ -9,11 +9,14 @@ import pytest
 import torch
 import yaml
 
-from kd_fracture import engine, explain
+from kd_fracture.train import checkpoint, engine
+from kd_fracture import explain
 from kd_fracture.config import CVConfig, ModelConfig, load_config, to_dict
-from kd_fracture.losses import positive_prob
+from kd_fracture.models.losses import positive_prob
 from kd_fracture.models import create_model
-from kd_fracture.run_dir import RunDir
+from kd_fracture.runs.rundir import RunDir
+from kd_fracture.report import figures
+from kd_fracture.report import aggregate
 
 
 @pytest.mark.parametrize("name, in_chans, freeze, num_classes", [
@@ -26,7 +29,7 @@ def test_grad_cam_map_has_input_size_and_unit_range(name, in_chans, freeze, num_
     torch.manual_seed(0)
     model = create_model(name, in_chans=in_chans, img_size=64, freeze=freeze, num_classes=num_classes).eval()
     x = torch.randn(2, in_chans, 64, 64)
-    maps, probs = explain.grad_cam(model, x)
+    maps, probs = figures.grad_cam(model, x)
     assert maps.shape == (2, 64, 64) and maps.dtype == np.float32
     assert maps.min() >= 0.0 and maps.max() <= 1.0
     assert maps.reshape(2, -1).max(axis=1).min() > 0.5  # min-max scaled per image, not a blank map
@@ -65,7 +68,7 @@ def test_grad_cam_lights_up_the_evidence_for_abnormal(two_logits, evidence):
     x[..., 8:24, 4:12] = 1.0   # left patch
     x[..., 8:24, 20:28] = 1.0  # identical right patch
     model = HalfScorer(two_logits)
-    maps, _ = explain.grad_cam(model, x, layer=model.halves)
+    maps, _ = figures.grad_cam(model, x, layer=model.halves)
     left, right = maps[0, 8:24, 4:12].mean(), maps[0, 8:24, 20:28].mean()
     hot, cold = (left, right) if evidence == "left" else (right, left)
     assert hot > 0.9 and cold < 0.05
@@ -79,7 +82,7 @@ def fake_run(path: Path, data_root: Path, name: str = "resnet10t", in_chans: int
     RunDir(path).write_config(cfg)
     for k in (0, 1):
         torch.manual_seed(k)
-        engine.save_weights(create_model(name, in_chans=in_chans, img_size=32), path / f"fold_{k}" / engine.BEST)
+        checkpoint.save_weights(create_model(name, in_chans=in_chans, img_size=32), path / f"fold_{k}" / checkpoint.BEST)
     return path
 
 
@@ -109,9 +112,9 @@ def test_pick_examples_takes_the_most_confident_of_each_kind():
     pred = pd.DataFrame({"label": [1, 1, 1, 0, 0, 0, 1, 0],
                          "prob": [0.9, 0.6, 0.2, 0.8, 0.1, 0.3, 0.45, 0.55],
                          "image_path": list("abcdefgh")})
-    ex = explain.pick_examples(pred, threshold=0.5, per_kind=1)
+    ex = figures.pick_examples(pred, threshold=0.5, per_kind=1)
     assert dict(zip(ex["kind"], ex["image_path"])) == {"TP": "a", "FP": "d", "FN": "c", "TN": "e"}
-    assert len(explain.pick_examples(pred, 0.5, per_kind=2)) == 8
+    assert len(figures.pick_examples(pred, 0.5, per_kind=2)) == 8
 
 
 def test_run_plots_writes_sample_grid_and_gradcam_examples(tiny_phantom, tmp_path):
@@ -123,7 +126,7 @@ def test_run_plots_writes_sample_grid_and_gradcam_examples(tiny_phantom, tmp_pat
     holdout["study_id"] = holdout["image_path"].str.rpartition("/")[0]
     holdout = holdout.merge(labels.assign(study_id=labels["study"].str.rstrip("/")), on="study_id")
     holdout["prob"] = np.random.default_rng(0).uniform(size=len(holdout))
-    paths = explain.run_plots(cfg, RunDir(run), holdout)
+    paths = aggregate.extra_plots(cfg, RunDir(run), holdout)
     assert [p.name for p in paths] == ["sample_predictions.png", "gradcam_examples.png"]
     for p in paths:
         assert p.parent == run / "plots" and p.stat().st_size > 1000

@@ -234,7 +234,7 @@ def test_study_ids_to_rows_keeps_manifest_order(manifest_df, folds):
 
 
 def test_cli_prints_table_and_writes(manifest_df, tmp_path, monkeypatch, capsys):
-    manifest_mod = pytest.importorskip("kd_fracture.data.manifest")
+    import kd_fracture.data.manifest as manifest_mod
     from kd_fracture.data import folds as folds_mod
 
     monkeypatch.setattr(manifest_mod, "load_manifest", lambda data, **kw: FakeManifest(manifest_df))
@@ -251,7 +251,7 @@ def test_cli_prints_table_and_writes(manifest_df, tmp_path, monkeypatch, capsys)
 
 
 def test_cli_impossible_request_exits_2(tmp_path, monkeypatch, capsys):
-    manifest_mod = pytest.importorskip("kd_fracture.data.manifest")
+    import kd_fracture.data.manifest as manifest_mod
     from kd_fracture.data import folds as folds_mod
 
     tiny = synthetic_manifest(n_patients=4, n_holdout=0, seed=1)

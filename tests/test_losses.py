@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_fracture.losses import as_two_class, classification_loss, kd_loss, positive_prob
+from kd_fracture.models.losses import as_two_class, classification_loss, kd_loss, positive_prob
 
 
 def _np_log_softmax(z: np.ndarray) -> np.ndarray:

@@ -10,10 +10,13 @@ import pytest
 import torch
 import yaml
 
-from kd_fracture import cv, engine, metrics, predict
+from kd_fracture import cv, metrics, predict
+from kd_fracture.train import checkpoint, engine
 from kd_fracture.config import CVConfig, ModelConfig, load_config, replace, to_dict
 from kd_fracture.data.dataset import XrayDataset
 from kd_fracture.models import create_model
+from kd_fracture.runs.models import load_run_models
+from kd_fracture.pipelines.cv import run_cv
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def tiny_run(tiny_phantom, tmp_path_factory) -> Path:
         "run_dir": str(tmp / "run"), "data.root": str(tiny_phantom), "data.folds": 2, "data.img_size": 32,
         "data.manifests_dir": str(tmp / "manifests"), "data.inner_val_frac": 0.2, "model.name": "resnet10t",
         "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 10})
-    cv.run_cv(cfg)
+    run_cv(cfg)
     return tmp / "run"
 
 
@@ -32,7 +35,7 @@ def portable_copy(run: Path, dest: Path) -> Path:
     """config + checkpoints only, with data.root pointing nowhere: what someone receives without the data."""
     for k in (0, 1):
         (dest / f"fold_{k}").mkdir(parents=True)
-        for name in (engine.BEST, engine.BEST + ".json"):
+        for name in (checkpoint.BEST, checkpoint.BEST + ".json"):
             shutil.copy(run / f"fold_{k}" / name, dest / f"fold_{k}" / name)
     raw = yaml.safe_load((run / "config.yaml").read_text())
     raw["data"]["root"] = str(dest / "no_such_data")
@@ -92,11 +95,11 @@ def test_predict_uses_the_runs_recorded_threshold(tiny_run, tmp_path):
     for k, t in ((0, 0.3), (1, 0.6)):
         path = run / f"fold_{k}" / "metrics.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "threshold": t}))
-    assert predict.load_run_models(run).cfg.eval.threshold == pytest.approx(0.45)
-    assert predict.load_run_models(run, fold=1).cfg.eval.threshold == pytest.approx(0.6)
-    assert predict.load_run_models(run).threshold_source == "mean of the fold thresholds"
+    assert load_run_models(run).cfg.eval.threshold == pytest.approx(0.45)
+    assert load_run_models(run, fold=1).cfg.eval.threshold == pytest.approx(0.6)
+    assert load_run_models(run).threshold_source == "mean of the fold thresholds"
     portable = portable_copy(tiny_run, tmp_path / "portable")  # checkpoints only: nothing recorded
-    models = predict.load_run_models(portable)
+    models = load_run_models(portable)
     assert models.cfg.eval.threshold == 0.5 and models.threshold_source == "eval.threshold"
 
 
@@ -139,7 +142,7 @@ def write_fake_student(run: Path, study: str = "s1", name: str = "hybrid_t", see
     torch.manual_seed(seed)
     model = create_model(name, in_chans=1, img_size=32).eval()
     for k in (0, 1):
-        engine.save_weights(model, variant / f"fold_{k}" / engine.BEST)
+        checkpoint.save_weights(model, variant / f"fold_{k}" / checkpoint.BEST)
     return model
 
 

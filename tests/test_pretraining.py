@@ -6,10 +6,13 @@ import hashlib
 import pytest
 import torch
 
-from kd_fracture import cv, pretraining
+from kd_fracture import cv
+from kd_fracture.pipelines import pretraining
 from kd_fracture.config import CVConfig, replace
 from kd_fracture.data.manifest import load_manifest
 from kd_fracture.errors import ConfigError
+from kd_fracture.runs.models import build_model
+from kd_fracture.pipelines.cv import teacher_model
 
 
 def tiny_cfg(tmp_path, **extra) -> CVConfig:
@@ -62,11 +65,11 @@ def test_weights_are_built_once_cached_by_recipe_and_start_every_fold(tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(str(path))
-    model = cv.build_model(cfg)
+    model = teacher_model(cfg)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
     # ...and a fold model rebuilt to load its own checkpoint needs no pretraining
-    assert not torch.equal(cv.build_model(cfg, pretrained=False).state_dict()["fc.weight"], saved["fc.weight"])
+    assert not torch.equal(build_model(cfg.model, cfg.data.img_size).state_dict()["fc.weight"], saved["fc.weight"])
 
 
 def test_damaged_weights_are_rebuilt(tmp_path):
@@ -74,4 +77,4 @@ def test_damaged_weights_are_rebuilt(tmp_path):
     path = pretraining.ensure_phantom_weights(cfg)
     path.write_bytes(path.read_bytes()[:-10])
     pretraining.ensure_phantom_weights(cfg)
-    pretraining.engine.verify_sidecar(path)  # intact again
+    pretraining.checkpoint.verify_sidecar(path)  # intact again

@@ -6,7 +6,8 @@ import json
 import pandas as pd
 import pytest
 
-from kd_fracture import cv, engine
+from kd_fracture import cv
+from kd_fracture.train import engine
 
 
 def cli_args(overrides: dict) -> list[str]:

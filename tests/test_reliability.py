@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 import kd_fracture
-from kd_fracture import cv, engine, io
+from kd_fracture import cv, io
+from kd_fracture.train import checkpoint, engine
 
 PACKAGE = Path(kd_fracture.__file__).parent
 
@@ -173,7 +174,7 @@ def test_absurd_learning_rate_stops_naming_fold_and_epoch(over, capsys):
     msg = error_line(*run_cv(capsys, dict(over, **{"train.lr": 1e30})))
     assert re.search(r"fold 0: epoch 1: loss became (nan|inf|-inf) \(lr 1e\+30 too high", msg), msg
     fold = Path(over["run_dir"]) / "fold_0"
-    assert not (fold / "DONE").exists() and not (fold / engine.BEST).exists()
+    assert not (fold / "DONE").exists() and not (fold / checkpoint.BEST).exists()
 
 
 def test_nan_in_a_later_epoch_keeps_last_good_checkpoint(over, capsys, monkeypatch):
@@ -194,17 +195,17 @@ def test_nan_in_a_later_epoch_keeps_last_good_checkpoint(over, capsys, monkeypat
     assert re.search(r"fold 0: epoch 2: loss became (nan|inf|-inf)", msg), msg
     fold = Path(over["run_dir"]) / "fold_0"
     assert not (fold / "DONE").exists()
-    engine.verify_sidecar(fold / engine.BEST)  # intact: size and sha256 match its sidecar
-    assert io.read_json(fold / f"{engine.BEST}.json")["epoch"] == 0
-    assert engine.load_state(fold / engine.LAST)["epoch"] == 0
-    assert all(torch.isfinite(w).all() for w in load_file(fold / engine.BEST).values() if w.is_floating_point())
-    assert len(pd.read_csv(fold / engine.HISTORY)) == 1
+    checkpoint.verify_sidecar(fold / checkpoint.BEST)  # intact: size and sha256 match its sidecar
+    assert io.read_json(fold / f"{checkpoint.BEST}.json")["epoch"] == 0
+    assert checkpoint.load_state(fold / checkpoint.LAST)["epoch"] == 0
+    assert all(torch.isfinite(w).all() for w in load_file(fold / checkpoint.BEST).values() if w.is_floating_point())
+    assert len(pd.read_csv(fold / checkpoint.HISTORY)) == 1
 
     monkeypatch.setattr(engine, "train_one_epoch", real)
     rc, err = run_cv(capsys, over, "--fold", "0")
     assert rc == 0, err
     assert "fold 0: resumed after epoch 0" in err
-    assert (fold / "DONE").exists() and len(pd.read_csv(fold / engine.HISTORY)) == 2
+    assert (fold / "DONE").exists() and len(pd.read_csv(fold / checkpoint.HISTORY)) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -308,14 +309,14 @@ def test_truncated_resume_state_restarts_the_fold_from_scratch(over, tmp_path, c
     monkeypatch.setattr(engine, "train_one_epoch", killed_in_epoch_2)
     assert run_cv(capsys, over, "--fold", "0")[0] == 130
     monkeypatch.setattr(engine, "train_one_epoch", real)
-    state = Path(over["run_dir"]) / "fold_0" / engine.LAST
+    state = Path(over["run_dir"]) / "fold_0" / checkpoint.LAST
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a torn write by a non-atomic writer
 
     rc, err = run_cv(capsys, over, "--fold", "0")
     assert rc == 0, err
     assert "size/sha256 differ" in err and "restarting fold 0 from scratch" in err
     assert fold_metrics(Path(over["run_dir"]), 0) == fold_metrics(tmp_path / "clean", 0)  # as if never interrupted
-    engine.verify_sidecar(state)
+    assert not state.exists()  # the DONE fold dropped its resumable state
 
 
 def test_tampered_checkpoint_of_finished_fold_is_detected_and_retrained(over, capsys):
@@ -323,16 +324,16 @@ def test_tampered_checkpoint_of_finished_fold_is_detected_and_retrained(over, ca
     run = Path(over["run_dir"])
     before = {k: fold_metrics(run, k) for k in (0, 1)}
     holdout_before = json.loads((run / "holdout" / "metrics.json").read_text())
-    best = run / "fold_1" / engine.BEST
+    best = run / "fold_1" / checkpoint.BEST
     flip_byte(best)
 
     msg = error_line(*run_cv(capsys, {"run_dir": over["run_dir"]}, "--aggregate"))
-    assert f"{best}: size/sha256 differ from {engine.BEST}.json" in msg  # refused, never silently used
+    assert f"{best}: size/sha256 differ from {checkpoint.BEST}.json" in msg  # refused, never silently used
 
     rc, err = run_cv(capsys, over)
     assert rc == 0, err
     assert "fold 0: DONE, skipped" in err and "training fold 1 again" in err
-    engine.verify_sidecar(best)
+    checkpoint.verify_sidecar(best)
     assert {k: fold_metrics(run, k) for k in (0, 1)} == before  # same seed → the same fold again
     assert json.loads((run / "holdout" / "metrics.json").read_text()) == holdout_before
 
@@ -340,12 +341,12 @@ def test_tampered_checkpoint_of_finished_fold_is_detected_and_retrained(over, ca
 def test_missing_sidecar_counts_as_damaged(over, capsys):
     assert run_cv(capsys, over, "--fold", "0")[0] == 0
     fold = Path(over["run_dir"]) / "fold_0"
-    (fold / f"{engine.BEST}.json").unlink()
-    with pytest.raises(engine.CheckpointError, match="no checkpoint_best.safetensors.json beside it"):
-        engine.load_weights(torch.nn.Linear(1, 1), fold / engine.BEST)
+    (fold / f"{checkpoint.BEST}.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint_best.safetensors.json beside it"):
+        checkpoint.load_weights(torch.nn.Linear(1, 1), fold / checkpoint.BEST)
     rc, err = run_cv(capsys, over, "--fold", "0")
     assert rc == 0 and "training fold 0 again" in err
-    engine.verify_sidecar(fold / engine.BEST)
+    checkpoint.verify_sidecar(fold / checkpoint.BEST)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ class Payload:
 def malicious_checkpoint(path: Path, marker: Path) -> Path:
     """A torch.save file that looks like a resumable state and whose sidecar matches (an attacker can write both)."""
     torch.save({"model": {"w": torch.zeros(1)}, "epoch": 0, "payload": Payload(marker)}, path)
-    engine.write_sidecar(path, {"epoch": 0})
+    checkpoint.write_sidecar(path, {"epoch": 0})
     return path
 
 
@@ -384,9 +385,9 @@ def test_malicious_resume_state_is_refused_and_fold_restarts(over, tmp_path, cap
     marker = tmp_path / "pwned"
     fold = Path(over["run_dir"]) / "fold_0"
     fold.mkdir(parents=True)
-    malicious_checkpoint(fold / engine.LAST, marker)
-    with pytest.raises(engine.CheckpointError, match="refused to load .*not a safe kd_fracture checkpoint"):
-        engine.load_state(fold / engine.LAST)
+    malicious_checkpoint(fold / checkpoint.LAST, marker)
+    with pytest.raises(checkpoint.CheckpointError, match="refused to load .*not a safe kd_fracture checkpoint"):
+        checkpoint.load_state(fold / checkpoint.LAST)
     rc, err = run_cv(capsys, over, "--fold", "0")
     assert rc == 0, err
     assert "refused to load" in err and "restarting fold 0 from scratch" in err
@@ -396,9 +397,9 @@ def test_malicious_resume_state_is_refused_and_fold_restarts(over, tmp_path, cap
 
 def test_malicious_pickle_as_weights_is_refused(over, tmp_path, capsys):
     marker = tmp_path / "pwned"
-    fake = malicious_checkpoint(tmp_path / engine.BEST, marker)  # pickle bytes under a .safetensors name
-    with pytest.raises(engine.CheckpointError, match="not a readable safetensors checkpoint"):
-        engine.load_weights(torch.nn.Linear(1, 1), fake)
+    fake = malicious_checkpoint(tmp_path / checkpoint.BEST, marker)  # pickle bytes under a .safetensors name
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable safetensors checkpoint"):
+        checkpoint.load_weights(torch.nn.Linear(1, 1), fake)
     evil = malicious_checkpoint(tmp_path / "resnet10t.pth", marker)
     msg = error_line(*run_cv(capsys, dict(over, **{"model.name": "resnet10t", "model.pretrained": evil})))
     assert f"--pretrained {evil}: cannot read weights" in msg and "weights_only" in msg

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kd_fracture import engine
+from kd_fracture.train import checkpoint, engine
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +102,7 @@ def assert_no_torn_files(run: Path) -> None:
         elif path.suffix == ".csv":
             pd.read_csv(path)
         if path.with_name(path.name + ".json").exists():
-            engine.verify_sidecar(path)
+            checkpoint.verify_sidecar(path)
 
 
 def free_port() -> int:
@@ -120,7 +120,7 @@ def work(tmp_path_factory) -> Path:
 def reference(tiny_phantom, work) -> Path:
     """One uninterrupted single-process run (2 folds × 3 epochs) that the other executions must reproduce."""
     run = work / "reference"
-    run_ok(python_m("kd_fracture.cv", *cv_args(tiny_phantom, work / "manifests"), "--run-dir", run))
+    run_ok(python_m("kd_fracture.cv", *cv_args(tiny_phantom, work / "manifests"), "--out", run))
     return run
 
 
@@ -130,9 +130,9 @@ def reference(tiny_phantom, work) -> Path:
 
 def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tiny_phantom, work, reference, start):
     run = work / "killed"
-    cmd = python_m("kd_fracture.cv", *cv_args(tiny_phantom, work / "manifests"), "--run-dir", run)
+    cmd = python_m("kd_fracture.cv", *cv_args(tiny_phantom, work / "manifests"), "--out", run)
     proc = start(cmd, work / "killed.log")
-    wait_until(lambda: (run / "fold_0" / f"{engine.LAST}.json").exists(), proc, 300, "the first checkpoint")
+    wait_until(lambda: (run / "fold_0" / f"{checkpoint.LAST}.json").exists(), proc, 300, "the first checkpoint")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (run / "fold_0" / "DONE").exists(), "the kill came too late to interrupt fold 0"
@@ -150,14 +150,14 @@ def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tiny_ph
 def test_concurrent_fold_processes_then_aggregate(tiny_phantom, work, reference, start):
     run = work / "per_fold"
     args = cv_args(tiny_phantom, work / "manifests_fresh")  # fresh: both jobs race to create the folds file too
-    procs = [start(python_m("kd_fracture.cv", *args, "--run-dir", run, "--fold", k), work / f"fold{k}.log")
+    procs = [start(python_m("kd_fracture.cv", *args, "--out", run, "--fold", k), work / f"fold{k}.log")
              for k in (0, 1)]
     for k, proc in enumerate(procs):
         assert proc.wait(timeout=600) == 0, (work / f"fold{k}.log").read_text()[-3000:]
     assert_no_torn_files(run)
     assert not (run / "tables").exists()  # each job only trains its fold
 
-    run_ok(python_m("kd_fracture.cv", "--run-dir", run, "--aggregate"))
+    run_ok(python_m("kd_fracture.cv", "--out", run, "--aggregate"))
     assert results(run) == results(reference)
     assert (run / "folds.csv").read_text() == (reference / "folds.csv").read_text()
 
@@ -226,18 +226,18 @@ def test_torchrun_matches_single_process_without_batchnorm(tiny_phantom, work):
     single, ddp, probe_dir = work / "ln_single", work / "ln_ddp", work / "probe"
     probe_dir.mkdir()
     (work / "probe.py").write_text(PROBE)
-    run_ok(python_m("kd_fracture.cv", *args, "--run-dir", single))
-    run_ok(torchrun(work / "probe.py", *args, "--run-dir", ddp), KD_PROBE_DIR=str(probe_dir))
+    run_ok(python_m("kd_fracture.cv", *args, "--out", single))
+    run_ok(torchrun(work / "probe.py", *args, "--out", ddp), KD_PROBE_DIR=str(probe_dir))
 
     assert not (probe_dir / "rank1.log").exists(), (probe_dir / "rank1.log").read_text()
     written = (probe_dir / "rank0.log").read_text().splitlines()
-    assert str(ddp / "fold_1" / engine.BEST) in written and str(ddp / "summary.md") in written
+    assert str(ddp / "fold_1" / checkpoint.BEST) in written and str(ddp / "summary.md") in written
 
     np.testing.assert_allclose(probabilities(ddp), probabilities(single), rtol=0, atol=1e-5)
     for k in (0, 1):
         a, b = (json.loads((r / f"fold_{k}" / "metrics.json").read_text()) for r in (single, ddp))
         assert (a["best_epoch"], a["epochs_run"], a["n_train"]) == (b["best_epoch"], b["epochs_run"], b["n_train"])
-        loss_a, loss_b = (pd.read_csv(r / f"fold_{k}" / engine.HISTORY)["train_loss"] for r in (single, ddp))
+        loss_a, loss_b = (pd.read_csv(r / f"fold_{k}" / checkpoint.HISTORY)["train_loss"] for r in (single, ddp))
         np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)  # epoch loss is reduced over both ranks
 
 
@@ -252,8 +252,8 @@ def test_torchrun_resnet10t_two_folds(tiny_phantom, work):
     args = cv_args(tiny_phantom, manifests, model="resnet10t", epochs=1,
                    batch_size=same_batches_batch_size(tiny_phantom, manifests))
     single, ddp = work / "bn_single", work / "bn_ddp"
-    run_ok(python_m("kd_fracture.cv", *args, "--run-dir", single))
-    run_ok(torchrun("-m", "kd_fracture.cv", *args, "--run-dir", ddp))
+    run_ok(python_m("kd_fracture.cv", *args, "--out", single))
+    run_ok(torchrun("-m", "kd_fracture.cv", *args, "--out", ddp))
 
     files = sorted(p.relative_to(ddp).as_posix() for p in ddp.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file())
@@ -273,15 +273,14 @@ def test_torchrun_resnet10t_two_folds(tiny_phantom, work):
 
 @pytest.fixture(scope="module")
 def teacher_run(tiny_phantom, work) -> Path:
-    pytest.importorskip("kd_fracture.distill", reason="kd_fracture.distill is not there yet")
     run = work / "teacher"
-    run_ok(python_m("kd_fracture.cv", *cv_args(tiny_phantom, work / "manifests_teacher", epochs=1), "--run-dir", run))
+    run_ok(python_m("kd_fracture.cv", *cv_args(tiny_phantom, work / "manifests_teacher", epochs=1), "--out", run))
     return run
 
 
 def distill_worker(teacher: Path, storage: str, study: str, n_trials: int, *extra: str) -> list[str]:
     """One search worker: 1 fold × 1 epoch per trial, no pruning, 1 cached view."""
-    return python_m("kd_fracture.distill", "--teacher-run", teacher, "--storage", storage, "--study", study,
+    return python_m("kd_fracture.distill", "--run", teacher, "--storage", storage, "--study", study,
                     "--n-trials", n_trials, "--trials-only", "--student", "hybrid_t", "--search-epochs", "1",
                     "--search-folds", "1", "--views", "1", "--pruner", "none", "--threads", "1",
                     "--set", "train.batch_size=16", "--set", "train.warmup_epochs=0", *extra)

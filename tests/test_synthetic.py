@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from kd_fracture.cli import phantom as phantom_cli
 from kd_fracture.data import synthetic
 from kd_fracture.data.synthetic import (BODY_PARTS, MARKER_NAME, ensure_default_phantom, generate_phantom,
                                         render_view)
@@ -182,16 +183,16 @@ def test_bad_arguments_are_user_errors(tmp_path: Path, kwargs):
 
 def test_cli_help():
     with pytest.raises(SystemExit) as exc:
-        synthetic.main(["--help"])
+        phantom_cli.main(["--help"])
     assert exc.value.code == 0
-    run = subprocess.run([sys.executable, "-m", "kd_fracture.data.synthetic", "--help"], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "kd_fracture.phantom", "--help"], capture_output=True,
                          text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=60)
     assert run.returncode == 0 and "--patients" in run.stdout and "--preview" in run.stdout
 
 
 def test_cli_writes_tree_summary_and_preview(tmp_path: Path, capsys):
     preview = tmp_path / "grid.png"
-    assert synthetic.main(["--out", str(tmp_path / "data"), "--patients", "8", "--size", str(SIZE), "--seed", "1",
+    assert phantom_cli.main(["--out", str(tmp_path / "data"), "--patients", "8", "--img-size", str(SIZE), "--phantom-seed", "1",
                            "--preview", str(preview)]) == 0
     out = capsys.readouterr().out
     assert "train" in out and "valid" in out and "images/s" in out and "abnormal" in out
@@ -202,7 +203,7 @@ def test_cli_writes_tree_summary_and_preview(tmp_path: Path, capsys):
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys):
-    assert synthetic.main(["--out", str(tmp_path), "--patients", "8", "--size", "4"]) == 2
+    assert phantom_cli.main(["--out", str(tmp_path), "--patients", "8", "--img-size", "4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
 

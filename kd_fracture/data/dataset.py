@@ -1,6 +1,6 @@
 """Torch dataset over manifest rows, with a decoded-image cache and replayable augmentation views.
 
-Views (DESIGN §5): a training item's augmentation is seeded by (seed, image_key, view).
+Views (docs/design.md §8): a training item's augmentation is seeded by (seed, image_key, view).
 - `num_views=None`: view = epoch, a fresh deterministic augmentation every epoch (teacher training).
 - `num_views=V`: view = (epoch + image_key) % V, so only V distinct views of an image ever occur; the teacher's
   logits for those V views are computed once (`ds.with_view(v)`) and the student replays them (KD).

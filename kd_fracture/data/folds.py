@@ -1,4 +1,4 @@
-"""Patient-grouped, stratified cross-validation folds (DESIGN §3).
+"""Patient-grouped, stratified cross-validation folds (docs/design.md §3).
 
 Folds are made over **studies** (MURA's unit of diagnosis) with `StratifiedGroupKFold`: `y = body_part|label`
 keeps every fold's case mix close to the pool's, `groups = patient_id` keeps all studies of a patient in one fold,

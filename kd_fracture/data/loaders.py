@@ -12,7 +12,7 @@ import pandas as pd
 from kd_fracture.config import AugConfig, DataConfig, PhantomConfig
 from kd_fracture.data.dataset import ImageCache, XrayDataset, make_loader
 from kd_fracture.data.folds import inner_val_split, load_or_make_folds, study_ids_to_rows
-from kd_fracture.data.manifest import Manifest, load_manifest
+from kd_fracture.data.manifest import Manifest, dataset_name, load_manifest
 
 
 def resolve_manifest(cfg: DataConfig) -> Manifest:
@@ -20,6 +20,12 @@ def resolve_manifest(cfg: DataConfig) -> Manifest:
     if cfg.root is None:
         return load_manifest(phantom_root(cfg.phantom), verify_images=cfg.verify_images, name=cfg.name)
     return load_manifest(cfg.root, verify_images=cfg.verify_images, name=cfg.name)
+
+
+def data_name(cfg: DataConfig) -> str:
+    """The dataset's name without reading it: `phantom` for the synthetic default, else data.name or the sanitised
+    basename of data.root (as `load_manifest` names it)."""
+    return "phantom" if cfg.root is None else dataset_name(Path(cfg.root), cfg.name)
 
 
 def phantom_root(ph: PhantomConfig) -> Path:

@@ -1,4 +1,4 @@
-"""Canonical image manifest (DESIGN §2.4) from MURA v1.1 CSVs (§2.1) or a folder layout (§2.2), plus an EDA CLI.
+"""Canonical image manifest (docs/design.md §2) from MURA v1.1 CSVs or a folder layout, plus an EDA CLI.
 
 One row per image: `image_path` (relative to the data root), `study_id`, `patient_id`, `body_part`, `label` (0/1),
 `split` (`train` = CV pool, `holdout`). Every later stage (folds, datasets, reports) reads this table and nothing else,
@@ -442,10 +442,10 @@ def _verify_images(root: Path, df: pd.DataFrame, where: Callable[[int], str]) ->
 
 def _finish(df: pd.DataFrame, root: Path, name: str | None, source: str) -> Manifest:
     df = df.loc[:, list(COLUMNS)].sort_values("image_path", kind="mergesort").reset_index(drop=True)
-    return Manifest(df=df, root=root, name=_dataset_name(root, name), source=source)
+    return Manifest(df=df, root=root, name=dataset_name(root, name), source=source)
 
 
-def _dataset_name(root: Path, name: str | None) -> str:
+def dataset_name(root: Path, name: str | None) -> str:
     """`name` if given (must already be clean), else the basename of ROOT lower-cased with runs outside
     [a-z0-9._-] replaced by '-' (`MURA` -> `mura`, `My Data` -> `my-data`)."""
     if name is not None:

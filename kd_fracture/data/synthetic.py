@@ -1,6 +1,6 @@
 """Synthetic phantom: a procedurally drawn, MURA-v1.1-layout dataset of stylised musculoskeletal radiographs.
 
-This is the project's embedded default dataset (DESIGN §2.3). It is **not** real data: it exists so that every
+This is the project's embedded default dataset (docs/design.md §2). It is **not** real data: it exists so that every
 command runs end to end, deterministically, on a laptop without downloading MURA (Rajpurkar et al. 2017).
 
 Layout written by `generate_phantom(out, ...)` (exactly MURA v1.1's, so it goes through the same loader)::
@@ -39,12 +39,10 @@ Pixels use float32 numpy / OpenCV, so bytes can differ between CPUs or library v
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -55,7 +53,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kd_fracture.errors import UserError, cli_main
+from kd_fracture.errors import UserError
 from kd_fracture.io import atomic_path, write_json, write_text
 
 BODY_PARTS = ("XR_ELBOW", "XR_FINGER", "XR_FOREARM", "XR_HAND", "XR_HUMERUS", "XR_SHOULDER", "XR_WRIST")
@@ -959,41 +957,3 @@ def write_preview(path: str | Path, size: int = 64, seed: int = 0) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m kd_fracture.data.synthetic",
-        description="Generate the synthetic MURA-v1.1-layout phantom (stylised radiographs, NOT real data).")
-    ap.add_argument("--out", required=True, help="data root; MURA-v1.1/ is created inside it")
-    ap.add_argument("--patients", type=int, default=300, help="number of patients (train + valid)")
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
-    ap.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    ap.add_argument("--holdout-frac", type=float, default=DEFAULT_HOLDOUT_FRAC,
-                    help="fraction of patients in valid/ (the holdout), as in MURA disjoint from train/")
-    ap.add_argument("--abnormal-frac", type=float, default=DEFAULT_ABNORMAL_FRAC,
-                    help="probability that a study is abnormal")
-    ap.add_argument("--workers", type=int, default=1, help="processes (output is identical for any value)")
-    ap.add_argument("--preview", metavar="PNG", help="also write a labelled contact sheet here")
-    args = ap.parse_args(argv)
-
-    t0 = time.perf_counter()
-    root = generate_phantom(args.out, args.patients, args.size, args.seed, args.holdout_frac, args.abnormal_frac,
-                            args.workers)
-    seconds = time.perf_counter() - t0
-    counts = phantom_info(root)["counts"]
-    total = sum(c["images"] for c in counts.values())
-    for split, c in counts.items():
-        rate = c["positive_studies"] / max(c["studies"], 1)
-        print(f"{split:5s}: {c['patients']} patients, {c['studies']} studies, {c['images']} images, "
-              f"{rate:.1%} abnormal studies")
-    print(f"wrote {root / 'MURA-v1.1'} ({total} images in {seconds:.1f} s, {total / seconds:.0f} images/s) "
-          "-- SYNTHETIC phantom, not real radiographs")
-    if args.preview:
-        print(f"preview: {write_preview(args.preview, args.size, args.seed)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

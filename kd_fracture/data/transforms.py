@@ -8,7 +8,7 @@ Two stages, so the expensive one can be cached:
 Augmentation is *replayable*: `apply_seeded(t, img, seed, key, view)` draws its randomness from
 `np.random.SeedSequence([seed, key, view])` only, so view `v` of image `key` is the same picture in every process,
 worker and call order. That is what lets the teacher's logits be computed once per view and replayed to the
-student (DESIGN §5).
+student (docs/design.md §8).
 """
 from __future__ import annotations
 

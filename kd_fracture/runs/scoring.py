@@ -15,10 +15,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_fracture import engine, io, metrics
+from kd_fracture.train import engine
+from kd_fracture import io, metrics
 from kd_fracture.config import EvalConfig
 from kd_fracture.errors import ConfigError
-from kd_fracture.run_dir import RunDir
+from kd_fracture.runs.rundir import RunDir
 
 AT_REFERENCE = f"at_{metrics.REFERENCE_THRESHOLD}"
 """Key of the figures at 0.5 in every result: "at_0.5"."""

@@ -1,4 +1,4 @@
-"""Teacher-logit cache with replayed views (DESIGN §5), and the two ways a student gets its teacher's logits.
+"""Teacher-logit cache with replayed views (docs/design.md §8), and the two ways a student gets its teacher's logits.
 
 A distillation epoch needs the teacher's logits for exactly the picture the student sees. The student's training
 dataset draws view v = (epoch + image_key) mod V of every image, and view v of image i is the augmentation seeded by
@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kd_fracture import engine, io
+from kd_fracture.train import checkpoint, engine
+from kd_fracture import io
 from kd_fracture.config import AugConfig, DataConfig, ModelConfig
 from kd_fracture.data.dataset import CLEAN_VIEW, make_loader
 from kd_fracture.data.loaders import SharedCache, aug_kwargs, build_loader
@@ -128,7 +129,7 @@ def load_or_build(cache_dir: str | Path, load_teacher: Callable[[], nn.Module], 
                                     image_cache=image_cache, desc=desc).clone()  # a normal (not inference) tensor
     with io.atomic_path(path) as tmp:
         save_file({"logits": logits.contiguous()}, str(tmp), metadata={"key": key})
-    engine.write_sidecar(path, {"key": key, "shape": list(logits.shape), "components": components})
+    checkpoint.write_sidecar(path, {"key": key, "shape": list(logits.shape), "components": components})
     return TeacherCache(logits, key, path, rebuilt=True)
 
 
@@ -137,8 +138,8 @@ def _stale_reason(path: Path, key: str, components: dict) -> str | None:
     if not path.exists():
         return "absent"
     try:
-        engine.verify_sidecar(path)
-    except engine.CheckpointError as e:
+        checkpoint.verify_sidecar(path)
+    except checkpoint.CheckpointError as e:
         return str(e).split(": ", 1)[-1]
     meta = io.read_json(path.with_name(path.name + ".json"))
     if meta.get("key") == key:

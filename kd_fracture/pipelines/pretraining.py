@@ -25,35 +25,19 @@ import torch
 
 from torch import nn
 
-from kd_fracture import distributed, engine, io
-from kd_fracture.config import CVConfig, DataConfig, DistillConfig, ModelConfig, TrainConfig, replace, to_dict
+from kd_fracture import distributed, io
+from kd_fracture.train import checkpoint, engine, tasks
+from kd_fracture.config import CVConfig, DataConfig, DistillConfig, TrainConfig, replace, to_dict
 from kd_fracture.data.loaders import build_loader, holdout_rows
 from kd_fracture.data.manifest import Manifest, load_manifest
 from kd_fracture.data.synthetic import GENERATOR_VERSION, generate_phantom, phantom_info
 from kd_fracture.errors import ConfigError
-from kd_fracture.models import apply_freeze, create_model
-from kd_fracture.teacher_cache import OnlineTeacher
+from kd_fracture.runs.models import build_model as build
+from kd_fracture.train.teacher_cache import OnlineTeacher
 
 PHANTOM = "phantom"
 AUTO = "auto"
 NONE_VALUES = (None, "none", "null", "")
-
-
-def build(m: ModelConfig, img_size: int, *, start: str | Path | None = None, file: str | None = None,
-          freeze: str | None = None) -> nn.Module:
-    """`m`'s architecture for `img_size`, frozen per `freeze` (default m.freeze).
-
-    start: weights this package wrote for this very architecture (phantom pretraining, a run's checkpoint): loaded
-    whole, head included, checked against their sidecar, then frozen. file: a local file such as ImageNet weights,
-    which timm adapts (input conv, fresh head). Neither: random init."""
-    freeze = m.freeze if freeze is None else freeze
-    model = create_model(m.name, num_classes=m.num_classes, in_chans=m.in_chans, img_size=img_size,
-                         pretrained=None if start is not None else file, freeze="none" if start is not None else freeze,
-                         drop_rate=m.drop_rate, **m.overrides)
-    if start is not None:
-        engine.load_weights(model, Path(start))
-        model = apply_freeze(model, freeze)
-    return model
 
 
 def uses_phantom_weights(cfg: CVConfig) -> bool:
@@ -115,9 +99,9 @@ def ensure_phantom_weights(cfg: CVConfig) -> Path:
 
 def _intact(path: Path) -> bool:
     try:
-        engine.verify_sidecar(path)
+        checkpoint.verify_sidecar(path)
         return True
-    except engine.CheckpointError as e:
+    except checkpoint.CheckpointError as e:
         if path.exists() or path.with_name(path.name + ".json").exists():
             engine.log(f"warning: {e}; building the phantom-pretrained weights again")
         return False
@@ -130,7 +114,7 @@ def build_phantom_weights(cfg: CVConfig, path: Path) -> Path:
                f"{p.train.epochs} epochs")
     engine.seed_everything(p.train.seed)
     model = build(m, cfg.data.img_size, freeze="none")
-    return train_on_corpus(cfg, model, lambda rows: engine.SupervisedTask(loss=p.train.loss), p.train, m.in_chans,
+    return train_on_corpus(cfg, model, lambda rows: tasks.SupervisedTask(loss=p.train.loss), p.train, m.in_chans,
                            path, recipe(cfg), "pretrain")
 
 
@@ -168,8 +152,8 @@ def train_on_corpus(cfg: CVConfig, model: nn.Module, make_task, train: TrainConf
     meta = {"recipe": key, "corpus": str(corpus_root(cfg)), "n_train_images": len(train_rows),
             "n_val_images": len(val_rows), "corpus_val_study_auroc": float(last["val_study_auroc"]),
             "corpus_val_image_auroc": float(last["val_image_auroc"]), "seconds": round(time.perf_counter() - t0, 1)}
-    engine.save_weights(model, path, {"kd_fracture": name})
-    engine.write_sidecar(path, meta)
+    checkpoint.save_weights(model, path, {"kd_fracture": name})
+    checkpoint.write_sidecar(path, meta)
     shutil.rmtree(work, ignore_errors=True)
     engine.log(f"{name}: wrote {path} in {meta['seconds']:.0f}s (corpus valid/ study AUROC "
                f"{meta['corpus_val_study_auroc']:.3f})")
@@ -223,8 +207,8 @@ def ensure_student_weights(dcfg: DistillConfig, teacher_cfg: CVConfig, kd: bool)
                                 teacher_cfg.model.in_chans)
     engine.seed_everything(p.train.seed)
     model = build(s, teacher_cfg.data.img_size, freeze="none")
-    make_task = ((lambda rows: engine.DistillTask(teacher, p.temperature, p.alpha)) if kd
-                 else (lambda rows: engine.SupervisedTask(loss=p.train.loss)))
+    make_task = ((lambda rows: tasks.DistillTask(teacher, p.temperature, p.alpha)) if kd
+                 else (lambda rows: tasks.SupervisedTask(loss=p.train.loss)))
     return train_on_corpus(teacher_cfg, model, make_task, p.train, s.in_chans, path,
                            student_recipe(dcfg, teacher_cfg, kd), "student pretrain" + (" (KD)" if kd else ""))
 

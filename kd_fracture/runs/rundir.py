@@ -1,4 +1,6 @@
-"""The run directory is the interface between commands (DESIGN §8): everything a later command needs is in it."""
+"""The run directory is the interface between commands (docs/design.md §4): everything a later command needs is
+in it. One folder per fold (`fold_<k>/`, nnU-Net style), a `DONE` marker per finished fold, the resolved config and
+the environment at the top."""
 from __future__ import annotations
 
 import json
@@ -9,15 +11,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import yaml
 
 from kd_fracture import io
 from kd_fracture.config import from_dict, read_yaml, to_dict
 from kd_fracture.errors import UserError
+from kd_fracture.train.checkpoint import LAST, sidecar
 
 T = TypeVar("T")
+
+DEFAULT_RUNS_DIR = "runs"
+"""Default runs live in runs/<dataset>/<model>/ (`default_run_dir`), so runs on different data never collide."""
 
 # Keys that do not change results: a rerun may differ in them without invalidating finished folds.
 RUNTIME_KEYS = {"data.num_workers", "data.verify_images", "data.regenerate_folds", "data.cache_images",
@@ -25,7 +31,7 @@ RUNTIME_KEYS = {"data.num_workers", "data.verify_images", "data.regenerate_folds
                 "search.n_trials", "search.timeout", "search.storage", "search.heartbeat_interval",
                 "search.grace_period", "sweep",
                 # output-only: a rerun may switch an export off (e.g. without the onnx extra) and finish the run
-                "onnx", "latency_threads"}
+                "onnx", "latency_threads", "keep_state", "train.state_interval_min"}
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,13 @@ class RunDir:
     def is_done(self, k: int | str) -> bool:
         return (self.fold(k) / "DONE").exists()
 
-    def mark_done(self, k: int | str, info: dict | None = None) -> None:
+    def mark_done(self, k: int | str, info: dict | None = None, keep_state: bool = False) -> None:
+        """Write fold k's DONE marker; then drop its resumable state (`state_last.pt`, optimizer included, 2× the
+        weights) unless keep_state: a DONE fold is never resumed, its weights are checkpoint_best.safetensors."""
         io.write_json(self.fold(k) / "DONE", {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})})
+        if not keep_state:
+            for path in (self.fold(k) / LAST, sidecar(self.fold(k) / LAST)):
+                path.unlink(missing_ok=True)
 
     def saved_config(self, cls: type[T]) -> T | None:
         return from_dict(cls, read_yaml(self.config), str(self.config)) if self.config.exists() else None
@@ -87,6 +98,22 @@ class RunDir:
 
     def write_env(self, seed: int, device: str, extra: dict | None = None) -> None:
         io.write_json(self.env, environment(seed, device) | (extra or {}))
+
+
+def require_done(run: RunDir, folds: Iterable[int | str], what: str, command: str) -> None:
+    """The one "these folds are missing" message: UserError naming the unfinished folds and the command that
+    resumes them (`command` … `--fold K` trains one)."""
+    missing = [k for k in folds if not run.is_done(k)]
+    if missing:
+        raise UserError(f"{run.path}: {what} {missing} are not finished; resume them: {command} "
+                        f"(or one at a time: {command} --fold {missing[0]})")
+
+
+def default_run_dir(dataset: str, model: str) -> str:
+    """runs/<dataset>/<model>: `dataset` is the manifest's name (phantom for the synthetic default), `model` the
+    model name with `timm:` and path separators made file-safe."""
+    safe = model.replace("timm:", "").replace("/", "-").replace(":", "-")
+    return str(Path(DEFAULT_RUNS_DIR) / dataset / safe)
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict:

@@ -17,14 +17,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
@@ -32,97 +31,16 @@ from tqdm.auto import tqdm
 from kd_fracture import distributed, io, metrics
 from kd_fracture.config import TrainConfig
 from kd_fracture.errors import UserError
-from kd_fracture.losses import classification_loss, kd_loss, positive_prob
+from kd_fracture.models.losses import positive_prob
+from kd_fracture.train.checkpoint import (BEST, HISTORY, LAST, CheckpointError, load_state, load_weights,
+                                          remove_checkpoint, save_state, save_weights, unwrap, verify_sidecar)
+from kd_fracture.train.tasks import Task
 
-BEST = "checkpoint_best.safetensors"
-LAST = "state_last.pt"
-HISTORY = "history.csv"
 CHECKPOINT_CHOICES = ("best", "last")
 
 
 class TrainingError(UserError):
     """Training cannot continue (non-finite loss); finished work and the last good checkpoint are kept."""
-
-
-class CheckpointError(UserError):
-    """A checkpoint is truncated, tampered with or not a safe checkpoint."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# tasks
-
-
-class Task(Protocol):
-    def losses(self, model: nn.Module, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
-        """Named loss parts for one batch; "loss" is the total that is back-propagated."""
-
-
-@dataclass
-class SupervisedTask:
-    """Hard-label training: BCE on one logit (or CE on two), optional pos_weight and timm Mixup/CutMix."""
-
-    loss: str = "bce"
-    pos_weight: float | None = None
-    label_smoothing: float = 0.0
-    mixup: Callable | None = None
-
-    def losses(self, model: nn.Module, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
-        x, y = batch["image"], batch["label"]  # (B, C, H, W), (B,) float 0/1
-        if self.mixup is not None:
-            x, y = mix(self.mixup, x, y)
-        logits = model(x)  # (B, 1) or (B, 2)
-        ce = classification_loss(logits, y, kind=self.loss, pos_weight=self.pos_weight,
-                                 label_smoothing=self.label_smoothing)
-        return {"loss": ce, "ce": ce}
-
-
-@dataclass
-class DistillTask:
-    """Hinton KD as an `engine.Task`: L = α·T²·KL(p_t^T ‖ p_s^T) + (1 − α)·CE(y, z_s) (see `losses.kd_loss`).
-
-    `teacher(batch) → (B, C_t)` logits: a `CachedTeacher` (replayed views) or an `OnlineTeacher`; None for α = 0.
-    Mixup is not supported: mixed images have no cached teacher logits.
-    """
-
-    teacher: Callable[[dict], torch.Tensor] | None
-    temperature: float
-    alpha: float
-    pos_weight: float | None = None
-
-    def losses(self, model: nn.Module, batch: dict, epoch: int) -> dict[str, torch.Tensor]:
-        student_logits = model(batch["image"])  # (B, 1) or (B, 2)
-        teacher_logits = self.teacher(batch) if self.teacher is not None and self.alpha > 0 else None
-        return kd_loss(student_logits, teacher_logits, batch["label"], self.temperature,
-                       self.alpha if teacher_logits is not None else 0.0, self.pos_weight)
-
-
-def resolve_pos_weight(value: float | str | None, labels) -> float | None:
-    """`auto` → n_neg / n_pos of the training labels (so both classes weigh the same in BCE)."""
-    if value != "auto":
-        return None if value is None else float(value)
-    labels = np.asarray(labels)
-    n_pos = int((labels == 1).sum())
-    if n_pos == 0:
-        raise UserError("pos_weight=auto: the training split has no positive images")
-    return float((labels == 0).sum() / n_pos)
-
-
-def make_mixup(cfg: TrainConfig) -> Callable | None:
-    """timm Mixup/CutMix for binary targets; None when both alphas are 0."""
-    if cfg.mixup <= 0 and cfg.cutmix <= 0:
-        return None
-    from timm.data import Mixup
-
-    # timm's Mixup mixes one-hot targets; with num_classes=2 column 1 is the soft positive target.
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=2)
-
-
-def mix(mixup: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.shape[0] % 2:  # timm Mixup needs an even batch; the odd last sample trains unmixed
-        x_mix, y_mix = mixup(x[:-1], y[:-1].long())
-        return torch.cat([x_mix, x[-1:]]), torch.cat([y_mix[:, 1], y[-1:]])
-    x_mix, y_mix = mixup(x, y.long())
-    return x_mix, y_mix[:, 1]  # (B,) soft positive target
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -141,10 +59,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 rank, world_size, is_main = distributed.rank, distributed.world_size, distributed.is_main  # only rank 0 writes files
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def show_progress() -> bool:
     env = os.environ.get("KD_FRACTURE_PROGRESS")
     return env == "1" if env is not None else sys.stderr.isatty() and is_main()
@@ -161,66 +75,6 @@ def seed_everything(seed: int) -> None:
 def epoch_seed(seed: int, epoch: int) -> int:
     """Independent, reproducible seed for one epoch (so resume needs no saved RNG stream)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def save_weights(model: nn.Module, path: Path, meta: dict | None = None) -> None:
-    """safetensors weights + `<name>.json` sidecar with size and sha256 (detects truncation and tampering)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-    with io.atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={k: str(v) for k, v in (meta or {}).items()})
-    write_sidecar(path, meta)
-
-
-def load_weights(model: nn.Module, path: Path, strict: bool = True) -> nn.Module:
-    verify_sidecar(path)
-    try:
-        state = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e}); delete it and retrain") from None
-    unwrap(model).load_state_dict(state, strict=strict)
-    return model
-
-
-def save_state(path: Path, state: dict) -> None:
-    with io.atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    write_sidecar(path, {"epoch": state.get("epoch")})
-
-
-def load_state(path: Path) -> dict:
-    """`torch.load(weights_only=True)`: tensors and plain containers only — a pickle with code is refused."""
-    verify_sidecar(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              "it is not a safe kd_fracture checkpoint") from None
-
-
-def write_sidecar(path: Path, meta: dict | None = None) -> None:
-    io.write_json(path.with_name(path.name + ".json"),
-                  {"file": path.name, "size": path.stat().st_size, "sha256": io.sha256_file(path), **(meta or {})})
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Delete a checkpoint together with its sidecar (never leave one without the other)."""
-    for p in (path, path.with_name(path.name + ".json")):
-        p.unlink(missing_ok=True)
-
-
-def verify_sidecar(path: Path) -> None:
-    sidecar = path.with_name(path.name + ".json")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if not sidecar.is_file():
-        raise CheckpointError(f"{path}: no {sidecar.name} beside it, so its integrity cannot be checked")
-    meta = io.read_json(sidecar)
-    if path.stat().st_size != meta["size"] or io.sha256_file(path) != meta["sha256"]:
-        raise CheckpointError(f"{path}: size/sha256 differ from {sidecar.name}; the file is truncated or was modified")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -330,6 +184,7 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
         scheduler.step_update(start_epoch * steps_per_epoch)
 
     stopped_early = False
+    last_state_write = time.monotonic()  # state_last.pt is rewritten at most every train.state_interval_min
     for epoch in range(start_epoch, cfg.epochs):
         if bad_epochs >= cfg.patience:
             stopped_early = True
@@ -358,8 +213,11 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
                "val_image_auroc": result["image"]["auroc"], "lr": optimizer.param_groups[0]["lr"],
                "time_s": time.perf_counter() - t0, "best": improved}
         history.append(row)
+        state_due = time.monotonic() - last_state_write >= cfg.state_interval_min * 60
         if is_main():
             io.write_csv(out_dir / HISTORY, pd.DataFrame(history))
+        if is_main() and state_due:
+            last_state_write = time.monotonic()
             save_state(out_dir / LAST, {
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kd_fracture import extras, io
-from kd_fracture.losses import positive_prob
+from kd_fracture.models.losses import positive_prob
 
 __all__ = ["FoldEnsemble", "check_onnx", "count_flops", "cpu_latency_ms", "export_onnx", "profile_model"]
 

@@ -1,0 +1,109 @@
+"""User inputs for predict, evaluate and explain: image files, folders and MURA study folders → manifest rows.
+
+A folder is searched recursively; a MURA study folder (`studyN_positive/`) gives the study and the true label, a
+folder-layout class folder (`fractured/`, `not_fractured/`) the label; anything else has an unknown label.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from kd_fracture.data.imageio import IMAGE_SUFFIXES, read_grayscale
+from kd_fracture.data.manifest import COLUMNS, FOLDER_CLASSES, Manifest
+from kd_fracture.errors import DataError
+
+UNKNOWN_LABEL = -1
+"""`label` of an input whose truth is not known; keeps it a group key of `metrics.study_table`."""
+
+_STUDY_DIR = re.compile(r"study\d+(?:_(?P<folder_label>positive|negative))?", re.IGNORECASE)
+_BODY_PART = re.compile(r"XR_[A-Z]+")
+
+
+@dataclass(frozen=True)
+class InputImage:
+    path: Path
+    """Absolute path."""
+    shown: str
+    """The path as the user wrote it (a folder input joined with the file's path inside it)."""
+    study: str
+    """Its MURA study folder (as shown), or "" when the image is not in one."""
+    body_part: str
+    label: int
+    """Truth read from the folder names (studyN_positive → 1, not_fractured/ → 0, …), else UNKNOWN_LABEL."""
+
+
+def describe_image(path: Path, shown: str) -> InputImage:
+    """Study, body part and (if the folder names tell) the true label of an image."""
+    parent = path.parent.name
+    study_match = _STUDY_DIR.fullmatch(parent)
+    label = UNKNOWN_LABEL
+    if study_match and study_match["folder_label"]:
+        label = int(study_match["folder_label"].lower() == "positive")
+    elif (class_name := re.sub(r"[ -]", "_", parent.lower())) in FOLDER_CLASSES:
+        label = FOLDER_CLASSES[class_name]
+    body = next((part for part in path.parts if _BODY_PART.fullmatch(part)), "unknown")
+    study = (os.path.dirname(shown) or str(path.parent)) if study_match else ""
+    return InputImage(path=path, shown=shown, study=study, body_part=body, label=label)
+
+
+def collect_inputs(inputs: list[str]) -> tuple[list[InputImage], list[tuple[str, str]]]:
+    """Expand INPUT… (files, folders searched recursively) into images; (images, [(input, problem), …]).
+
+    Non-image files inside a folder are skipped (hidden entries too); a non-image file named explicitly is a problem.
+    The same file reached twice is kept once.
+    """
+    images: dict[Path, InputImage] = {}
+    problems: list[tuple[str, str]] = []
+    for given in inputs:
+        path = Path(os.path.abspath(given))
+        if path.is_dir():
+            found = []
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found += [Path(dirpath) / f for f in sorted(filenames)
+                          if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+            if not found:
+                problems.append((given, f"folder holds no {'/'.join(IMAGE_SUFFIXES)} images"))
+            for f in found:
+                images.setdefault(f, describe_image(f, os.path.join(given, os.path.relpath(f, path))))
+        elif not path.exists():
+            problems.append((given, "not found"))
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.append((given, f"not an image file (expected {', '.join(IMAGE_SUFFIXES)})"))
+        else:
+            images.setdefault(path, describe_image(path, given))
+    return list(images.values()), problems
+
+
+def readable(images: list[InputImage]) -> tuple[list[InputImage], list[tuple[str, str]]]:
+    """Decode every image once; the corrupt, truncated or unreadable ones become problems."""
+    ok, problems = [], []
+    for image in images:
+        try:
+            read_grayscale(image.path)
+        except DataError as e:
+            problems.append((image.shown, str(e).removeprefix(f"{image.path}: ")))
+        else:
+            ok.append(image)
+    return ok, problems
+
+
+def as_manifest(images: list[InputImage]) -> Manifest:
+    """Manifest rows (COLUMNS) for loose images: absolute image_path under root "/", split "predict".
+
+    study_id = the study folder, or the image itself when it is in none (a study of one image, as in the folder
+    layout); patient_id = study_id.
+    """
+    df = pd.DataFrame({
+        "image_path": [str(i.path) for i in images],
+        "study_id": [i.study or i.shown for i in images],
+        "patient_id": [i.study or i.shown for i in images],
+        "body_part": [i.body_part for i in images],
+        "label": pd.array([i.label for i in images], dtype="int64"),
+        "split": "predict",
+    }, columns=list(COLUMNS))
+    return Manifest(df=df, root=Path(os.path.abspath(os.sep)), name="predict", source="files")
