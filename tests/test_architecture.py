@@ -15,7 +15,8 @@ PACKAGE = Path(kd_fracture.__file__).parent
 CORE = {"kd_fracture", "kd_fracture.errors", "kd_fracture.io", "kd_fracture.extras", "kd_fracture.distributed",
         "kd_fracture.config", "kd_fracture.metrics"}
 LAYERS = ["core", "data", "models", "train", "runs", "search", "report", "pipelines", "cli", "command"]
-COMMANDS = {"cv", "distill", "dashboard", "predict", "evaluate", "explain", "compare", "pretrain", "phantom"}
+COMMANDS = {"cv", "distill", "dashboard", "predict", "evaluate", "explain", "compare", "pretrain", "phantom", "folds",
+            "manifest"}
 
 
 def module_name(root: Path, path: Path) -> str:

@@ -234,11 +234,10 @@ def test_study_ids_to_rows_keeps_manifest_order(manifest_df, folds):
 
 
 def test_cli_prints_table_and_writes(manifest_df, tmp_path, monkeypatch, capsys):
-    import kd_fracture.data.manifest as manifest_mod
-    from kd_fracture.data import folds as folds_mod
+    from kd_fracture.cli import folds as folds_mod
 
-    monkeypatch.setattr(manifest_mod, "load_manifest", lambda data, **kw: FakeManifest(manifest_df))
-    argv = ["--data", str(tmp_path), "--folds", "4", "--seed", "2", "--manifests-dir", str(tmp_path / "m")]
+    monkeypatch.setattr(folds_mod, "load_manifest", lambda data, **kw: FakeManifest(manifest_df))
+    argv = ["--data", str(tmp_path), "--folds", "4", "--fold-seed", "2", "--manifests-dir", str(tmp_path / "m")]
     assert folds_mod.main(argv) == 0
     out = capsys.readouterr().out
     assert "pos_rate" in out and "XR_WRIST" in out and "written" in out
@@ -251,11 +250,10 @@ def test_cli_prints_table_and_writes(manifest_df, tmp_path, monkeypatch, capsys)
 
 
 def test_cli_impossible_request_exits_2(tmp_path, monkeypatch, capsys):
-    import kd_fracture.data.manifest as manifest_mod
-    from kd_fracture.data import folds as folds_mod
+    from kd_fracture.cli import folds as folds_mod
 
     tiny = synthetic_manifest(n_patients=4, n_holdout=0, seed=1)
-    monkeypatch.setattr(manifest_mod, "load_manifest", lambda data, **kw: FakeManifest(tiny))
+    monkeypatch.setattr(folds_mod, "load_manifest", lambda data, **kw: FakeManifest(tiny))
     assert folds_mod.main(["--data", str(tmp_path), "--folds", "5", "--manifests-dir", str(tmp_path)]) == 2
     assert "error: --folds 5" in capsys.readouterr().err
     assert not any(Path(tmp_path).rglob("*.csv"))

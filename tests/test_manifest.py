@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kd_fracture.cli.manifest import main
 from kd_fracture.data.manifest import (
     COLUMNS,
     Manifest,
@@ -21,7 +22,6 @@ from kd_fracture.data.manifest import (
     load_folder,
     load_manifest,
     load_mura,
-    main,
     manifest_sha256,
     summarize,
 )

@@ -34,6 +34,11 @@ def dotted(cfg: Any, key: str) -> Any:
     return cfg
 
 
+NULL_MEANS = {"train.threads": "torch's default", "search.timeout": "no limit", "data.root": "synthetic phantom",
+              "model.pretrained": "random init", "search.storage": "per study", "search.folds": "all"}
+"""What a null default means, for --help."""
+
+
 class ConfigFlags:
     """Flags that override config keys. Each flag defaults to None (not given → the config decides), and its help
     ends with the key's real default, read from the config dataclass, so `--help` never says "default: None"."""
@@ -45,6 +50,7 @@ class ConfigFlags:
     def add(self, group, flag: str, key: str, help: str = "", **kwargs) -> None:
         dest = flag.lstrip("-").replace("-", "_")
         default = self.shown.get(key, dotted(self.defaults, key))
+        default = NULL_MEANS.get(key, "null") if default is None else default
         text = f"{help}; " if help else ""
         if kwargs.get("action") != "store_const":
             group.add_argument(flag, dest=dest, help=f"{text}default: {default}  [{key}]", **kwargs)

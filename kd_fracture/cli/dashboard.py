@@ -26,13 +26,13 @@ DEFAULT_PORT = 8080
 
 def build_parser() -> argparse.ArgumentParser:
     p = new_parser("dashboard", __doc__)
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--run", default=DistillConfig().teacher_run, metavar="DIR",
-                   help="teacher run whose default study database (distill's default storage) to show")
+                   help="teacher run whose study database (distill's default storage) to show; default: %(default)s")
     p.add_argument("--storage", metavar="URL", help="sqlite:///F.db | postgresql://… | mysql://… | journal:PATH "
                    "(the distill --storage; default: the --run's study database)")
-    p.add_argument("--host", default=DEFAULT_HOST, help="interface to bind; anything but loopback exposes the study")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--host", default=DEFAULT_HOST, help="interface to bind; anything but loopback exposes the study; "
+                   "default: %(default)s")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
     return p
 
 

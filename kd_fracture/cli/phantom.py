@@ -2,7 +2,6 @@
 NOT real data) — the data cv uses when no --data is given. Defaults shown by --help."""
 from __future__ import annotations
 
-import argparse
 import time
 
 from kd_fracture.cli.common import new_parser
@@ -14,16 +13,15 @@ from kd_fracture.errors import cli_main
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     ap = new_parser("phantom", __doc__)
-    ap.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     ap.add_argument("--out", required=True, help="data root; MURA-v1.1/ is created inside it")
-    ap.add_argument("--patients", type=int, default=300, help="number of patients (train + valid)")
-    ap.add_argument("--img-size", type=int, default=64, help="image side in pixels")
-    ap.add_argument("--phantom-seed", type=int, default=0, help="same seed, same bytes")
+    ap.add_argument("--patients", type=int, default=300, help="number of patients (train + valid); default: %(default)s")
+    ap.add_argument("--img-size", type=int, default=64, help="image side in pixels; default: %(default)s")
+    ap.add_argument("--phantom-seed", type=int, default=0, help="same seed, same bytes; default: %(default)s")
     ap.add_argument("--holdout-frac", type=float, default=DEFAULT_HOLDOUT_FRAC,
-                    help="fraction of patients in valid/ (the holdout), as in MURA disjoint from train/")
+                    help="fraction of patients in valid/ (the holdout), as in MURA disjoint from train/; default: %(default)s")
     ap.add_argument("--abnormal-frac", type=float, default=DEFAULT_ABNORMAL_FRAC,
-                    help="probability that a study is abnormal")
-    ap.add_argument("--processes", type=int, default=1, help="processes (output is identical for any value)")
+                    help="probability that a study is abnormal; default: %(default)s")
+    ap.add_argument("--processes", type=int, default=1, help="processes (output is identical for any value); default: %(default)s")
     ap.add_argument("--preview", metavar="PNG", help="also write a labelled contact sheet here")
     args = ap.parse_args(argv)
 

@@ -11,7 +11,6 @@ manifest's sha256, checked on every load, never re-split by training code.
 """
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from kd_fracture.errors import ConfigError, DataError, cli_main
+from kd_fracture.errors import ConfigError, DataError
 from kd_fracture.io import read_json, write_csv, write_json
 
 if TYPE_CHECKING:
@@ -279,7 +278,7 @@ def study_ids_to_rows(df: pd.DataFrame, study_ids: Iterable[str]) -> pd.DataFram
     return rows
 
 
-def _format_summary(folds: pd.DataFrame) -> str:
+def format_fold_summary(folds: pd.DataFrame) -> str:
     table = fold_summary(folds)
     total = table.drop(columns=["fold"]).sum(numeric_only=True)
     total["patients"] = folds["patient_id"].nunique()
@@ -287,39 +286,3 @@ def _format_summary(folds: pd.DataFrame) -> str:
     table = pd.concat([table.astype({"fold": str}), pd.DataFrame([{"fold": "all", **total.to_dict()}])])
     ints = [c for c in table.columns if c not in ("fold", "pos_rate")]
     return table.astype({c: int for c in ints}).to_string(index=False)
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m kd_fracture.data.folds",
-        description="Make (or check and reuse) patient-grouped stratified CV folds and print their composition.")
-    p.add_argument("--data", type=Path, default=None,
-                   help="data root (MURA-v1.1 parent or folder layout); default: the synthetic phantom")
-    p.add_argument("--folds", type=int, default=5, help="number of folds K (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="fold seed (default 0)")
-    p.add_argument("--regenerate-folds", action="store_true",
-                   help="rebuild the folds file even if one exists (e.g. after the manifest changed)")
-    p.add_argument("--manifests-dir", type=Path, default=Path("data_manifests"),
-                   help="where folds are stored: DIR/<dataset>/folds_k{K}_s{seed}.csv (default data_manifests)")
-    args = p.parse_args(argv)
-
-    from kd_fracture.data.manifest import load_manifest
-
-    if args.data is None:
-        from kd_fracture.data.synthetic import ensure_default_phantom
-
-        args.data = ensure_default_phantom()
-    manifest = load_manifest(args.data)
-    existed = folds_path(args.manifests_dir, manifest.name, args.folds, args.seed).exists()
-    folds, path = load_or_make_folds(manifest, args.folds, args.seed, args.manifests_dir, args.regenerate_folds)
-    print(f"{manifest.name}: {len(folds)} studies, {folds['patient_id'].nunique()} patients in the CV pool, "
-          f"K={args.folds}, seed={args.seed}")
-    print(_format_summary(folds))
-    action = "rebuilt" if existed and args.regenerate_folds else ("reused" if existed else "written")
-    print(f"folds {action}: {path} (+ {path.with_suffix('.json').name}, manifest sha256 {manifest.sha256()[:12]}…)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Canonical image manifest (docs/design.md §2) from MURA v1.1 CSVs or a folder layout, plus an EDA CLI.
+"""Canonical image manifest (docs/design.md §2) from MURA v1.1 CSVs or a folder layout (the EDA command is kd_fracture.cli.manifest).
 
 One row per image: `image_path` (relative to the data root), `study_id`, `patient_id`, `body_part`, `label` (0/1),
 `split` (`train` = CV pool, `holdout`). Every later stage (folds, datasets, reports) reads this table and nothing else,
@@ -13,12 +13,10 @@ MURA v1.1 (Rajpurkar et al. 2017, "MURA: Large Dataset for Abnormality Detection
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import posixpath
 import re
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from kd_fracture.data.imageio import IMAGE_SUFFIXES, read_grayscale
-from kd_fracture.errors import DataError, UserError, cli_main
-from kd_fracture.io import atomic_path, sha256_bytes, write_csv
+from kd_fracture.errors import DataError, UserError
+from kd_fracture.io import atomic_path, sha256_bytes
 
 COLUMNS = ("image_path", "study_id", "patient_id", "body_part", "label", "split")
 SPLITS = ("train", "holdout")
@@ -55,7 +53,7 @@ FOLDER_CLASSES = {
     "fractured": 1, "positive": 1, "abnormal": 1,
     "not_fractured": 0, "notfractured": 0, "negative": 0, "normal": 0,
 }
-_FOLDER_LAYOUT = "ROOT/{train,val,test}/{fractured,not_fractured}/*.{png,jpg,jpeg}"
+FOLDER_LAYOUT = "ROOT/{train,val,test}/{fractured,not_fractured}/*.{png,jpg,jpeg}"
 
 _HEADER_FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_ ]*")  # `path`, `image_path`, `Label`: words, no '/' or '.'
 
@@ -119,7 +117,7 @@ def detect_source(data: Path) -> tuple[str, Path]:
         return "folder", data
     raise DataError(
         f"{data}: neither a MURA v1.1 root (no {MURA_DIR}/train_image_paths.csv) nor a folder layout "
-        f"(no train/, val/ or test/ folder); expected ROOT/{MURA_DIR}/ with its four CSVs, or {_FOLDER_LAYOUT}"
+        f"(no train/, val/ or test/ folder); expected ROOT/{MURA_DIR}/ with its four CSVs, or {FOLDER_LAYOUT}"
     )
 
 
@@ -328,7 +326,7 @@ def load_folder(root: Path, verify_images: bool = False, name: str | None = None
     """
     root = Path(os.path.abspath(root))
     if not root.is_dir():
-        raise DataError(f"{root}: data folder not found; expected {_FOLDER_LAYOUT}")
+        raise DataError(f"{root}: data folder not found; expected {FOLDER_LAYOUT}")
     records, skipped = [], []
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in FOLDER_SPLITS):
         split = FOLDER_SPLITS[split_dir.name.lower()]
@@ -338,7 +336,7 @@ def load_folder(root: Path, verify_images: bool = False, name: str | None = None
                 continue
             if not entry.is_dir():
                 raise DataError(f"{rel}: file directly in a split folder has no class; move it into a class folder "
-                                f"({_FOLDER_LAYOUT})")
+                                f"({FOLDER_LAYOUT})")
             label = FOLDER_CLASSES.get(re.sub(r"[ -]", "_", entry.name.lower()))
             if label is None:
                 raise DataError(f"{rel}/: unknown class folder '{entry.name}'; use fractured|not_fractured, "
@@ -347,12 +345,12 @@ def load_folder(root: Path, verify_images: bool = False, name: str | None = None
                 records.append((image_path, label, split))
 
     if not records:
-        raise DataError(f"{root}: no images found; expected {_FOLDER_LAYOUT}")
+        raise DataError(f"{root}: no images found; expected {FOLDER_LAYOUT}")
     df = pd.DataFrame(records, columns=["image_path", "label", "split"])
     for split, dirs in (("train", "train/ or val/"), ("holdout", "test/")):
         if not (df["split"] == split).any():
             raise DataError(f"{root}: no {split} images (the {split} split comes from {dirs}); "
-                            f"expected {_FOLDER_LAYOUT}")
+                            f"expected {FOLDER_LAYOUT}")
     if skipped:
         warnings.warn(f"{root}: ignored {len(skipped)} non-image file(s), e.g. '{skipped[0]}' "
                       f"(images are {', '.join(IMAGE_SUFFIXES)})", UserWarning, stacklevel=3)
@@ -490,38 +488,3 @@ def plot_class_balance(summary: pd.DataFrame, path: Path, title: str = "") -> No
 
 def format_summary(summary: pd.DataFrame) -> str:
     return summary.to_string(index=False, formatters={"positive_rate": "{:.3f}".format})
-
-
-@cli_main
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kd_fracture.data.manifest",
-        description="Load and validate a dataset (MURA v1.1 or folder layout), print the EDA summary and write "
-                    "manifest.csv and class_balance.png. Nothing is written when validation fails.")
-    parser.add_argument("--data", required=True, type=Path,
-                        help=f"MURA root (holding {MURA_DIR}/) or {MURA_DIR}/ itself, or a folder layout "
-                             f"{_FOLDER_LAYOUT}")
-    parser.add_argument("--verify-images", action="store_true", help="decode every image up front (slow)")
-    parser.add_argument("--name", default=None, help="dataset name (default: sanitised basename of the data root)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: data_manifests/<name>/)")
-    args = parser.parse_args(argv)
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        manifest = load_manifest(args.data, verify_images=args.verify_images, name=args.name)
-    summary = summarize(manifest)
-    out = args.out if args.out is not None else Path("data_manifests") / manifest.name
-
-    print(f"dataset '{manifest.name}' ({manifest.source}) at {manifest.root}")
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    print(f"{len(manifest.df)} images, manifest sha256 {manifest.sha256()}")
-    print(format_summary(summary))
-    write_csv(out / "manifest.csv", manifest.df)
-    plot_class_balance(summary, out / "class_balance.png", title=f"{manifest.name}: studies per body part")
-    print(f"wrote {out / 'manifest.csv'} and {out / 'class_balance.png'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
