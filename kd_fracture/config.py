@@ -461,6 +461,21 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+NOT_IN_RECIPES = frozenset({"state_interval_min", "keep_state"})
+"""Fields that never change a result (how often state is saved, whether it is kept): left out of every hash of
+"what the weights depend on", so a cache built before such a field existed stays valid."""
+
+
+def recipe_dict(cfg: Any) -> dict:
+    """`to_dict(cfg)` without NOT_IN_RECIPES at any depth: the part of a config that results depend on, for keys
+    and fingerprints (phantom-pretrained weights, Optuna study fingerprint)."""
+
+    def strip(v: Any) -> Any:
+        return {k: strip(x) for k, x in v.items() if k not in NOT_IN_RECIPES} if isinstance(v, dict) else v
+
+    return strip(to_dict(cfg))
+
+
 def replace(cfg: T, **dotted: Any) -> T:
     """`replace(cfg, **{"train.epochs": 2})` → new frozen config with validated values."""
     tree = to_dict(cfg)

@@ -78,3 +78,18 @@ def test_damaged_weights_are_rebuilt(tmp_path):
     path.write_bytes(path.read_bytes()[:-10])
     pretraining.ensure_phantom_weights(cfg)
     pretraining.checkpoint.verify_sidecar(path)  # intact again
+
+
+def test_fields_that_change_no_result_keep_the_weights_path(tmp_path):
+    """How often state is saved, or whether it is kept, is no part of the recipe: adding such a field must not
+    throw away weights that took minutes to build (it did once: state_interval_min changed the hash)."""
+    from kd_fracture.config import DistillConfig
+
+    cfg = tiny_cfg(tmp_path)
+    for key in ("pretrain.train.state_interval_min", "train.state_interval_min"):
+        assert pretraining.weights_path(replace(cfg, **{key: 0.5})) == pretraining.weights_path(cfg)
+    assert pretraining.weights_path(replace(cfg, keep_state=True)) == pretraining.weights_path(cfg)
+    d = DistillConfig()
+    for kd in (True, False):
+        assert (pretraining.student_weights_path(replace(d, **{"pretrain.train.state_interval_min": 0.5}), cfg, kd)
+                == pretraining.student_weights_path(d, cfg, kd))

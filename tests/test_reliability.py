@@ -227,8 +227,7 @@ WRITERS = {"write_text", "write_bytes", "savefig", "save", "savez", "save_file",
 torch.onnx.export, cv2.imwrite, df.to_parquet, json/yaml/pickle.dump); `df.to_csv(path)` and `open(path, "w")`
 are checked separately."""
 PRIVATE_TREES = {
-    ("data/synthetic.py", "_patient_rows"): "PNGs go into a hidden temp tree that is renamed into place whole",
-    ("bench.py", "write_scale_tree"): "1-byte stand-in images in a mkdtemp scratch tree, deleted after the benchmark",
+    ("data/phantom/tree.py", "_patient_rows"): "PNGs go into a hidden temp tree that is renamed into place whole",
 }
 """(file, function) → why its plain writes cannot leave a half-written result behind."""
 

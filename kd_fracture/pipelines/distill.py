@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kd_fracture import io, search
-from kd_fracture.config import CVConfig, DistillConfig, from_dict, read_yaml, replace, to_dict
+from kd_fracture.config import CVConfig, DistillConfig, from_dict, read_yaml, recipe_dict, replace, to_dict
 from kd_fracture.data.folds import read_folds_csv
 from kd_fracture.data.loaders import FoldRows, SharedCache, build_loader, data_name, fold_rows, resolve_manifest
 from kd_fracture.errors import ConfigError, UserError
@@ -211,10 +211,10 @@ class Distiller:
     def fingerprint(self, space: dict) -> dict:
         """What a trial's value depends on; a shared study refuses workers whose fingerprint differs."""
         cfg = self.cfg
-        train = {k: v for k, v in to_dict(cfg.train).items() if k not in ("device", "threads", "eval_batch_size")}
+        train = {k: v for k, v in recipe_dict(cfg.train).items() if k not in ("device", "threads", "eval_batch_size")}
         return {"teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)],
                 "manifest_sha256": self.manifest.sha256(), "img_size": self.data.img_size,
-                "student": to_dict(cfg.student), "student_pretrain": to_dict(cfg.pretrain), "train": train,
+                "student": to_dict(cfg.student), "student_pretrain": recipe_dict(cfg.pretrain), "train": train,
                 "kd": {"temperature": cfg.kd.temperature, "alpha": cfg.kd.alpha, "views": cfg.kd.views},
                 "metric": cfg.search.metric, "folds": self.search_folds(), "epochs": self.search_epochs(),
                 # the objective's κ/F1/… are read at the cut this rule chooses on each fold's inner-val split
@@ -360,7 +360,7 @@ def run_distill(cfg: DistillConfig, skip_search: bool = False, trials_only: bool
     try:
         out.check_compatible(cfg)
     except UserError as e:
-        raise UserError(str(e).replace("a new --run-dir", "a new --study NAME")) from None
+        raise UserError(str(e).replace("a new --out", "a new --study NAME")) from None
     device = engine.resolve_device(cfg.train.device)
     d = Distiller(cfg, teacher, out, device)
     out.write_config(cfg)

@@ -27,10 +27,10 @@ from torch import nn
 
 from kd_fracture import distributed, io
 from kd_fracture.train import checkpoint, engine, tasks
-from kd_fracture.config import CVConfig, DataConfig, DistillConfig, TrainConfig, replace, to_dict
+from kd_fracture.config import CVConfig, DataConfig, DistillConfig, TrainConfig, recipe_dict, replace
 from kd_fracture.data.loaders import build_loader, holdout_rows
 from kd_fracture.data.manifest import Manifest, load_manifest
-from kd_fracture.data.synthetic import GENERATOR_VERSION, generate_phantom, phantom_info
+from kd_fracture.data.phantom import GENERATOR_VERSION, generate_phantom, phantom_info
 from kd_fracture.errors import ConfigError
 from kd_fracture.runs.models import build_model as build
 from kd_fracture.train.teacher_cache import OnlineTeacher
@@ -63,7 +63,7 @@ def recipe(cfg: CVConfig) -> dict:
     m, p = cfg.model, cfg.pretrain
     return {"generator_version": GENERATOR_VERSION, "model": m.name, "num_classes": m.num_classes,
             "in_chans": m.in_chans, "drop_rate": m.drop_rate, "overrides": m.overrides,
-            "img_size": cfg.data.img_size, "phantom_size": cfg.data.phantom.size, "pretrain": to_dict(p),
+            "img_size": cfg.data.img_size, "phantom_size": cfg.data.phantom.size, "pretrain": recipe_dict(p),
             "torch": torch.__version__.split("+")[0]}
 
 
@@ -174,9 +174,9 @@ def student_recipe(dcfg: DistillConfig, teacher_cfg: CVConfig, kd: bool) -> dict
     s, p = dcfg.student, dcfg.pretrain
     return {"student": {"name": s.name, "num_classes": s.num_classes, "in_chans": s.in_chans,
                         "drop_rate": s.drop_rate, "overrides": s.overrides},
-            "start": "kd" if kd else "hard_labels", "train": to_dict(p.train),
+            "start": "kd" if kd else "hard_labels", "train": recipe_dict(p.train),
             **({"temperature": p.temperature, "alpha": p.alpha, "teacher": recipe(teacher_cfg)} if kd else {}),
-            "corpus": to_dict(teacher_cfg.pretrain), "img_size": teacher_cfg.data.img_size,
+            "corpus": recipe_dict(teacher_cfg.pretrain), "img_size": teacher_cfg.data.img_size,
             "generator_version": GENERATOR_VERSION, "torch": torch.__version__.split("+")[0]}
 
 

@@ -98,9 +98,9 @@ def load_result(path: str | Path, name: str | None = None) -> RunResult:
     missing = [k for k in ks if not (run.fold(k) / "metrics.json").is_file()]
     if missing:
         raise UserError(f"{run.path}: fold(s) {missing} are not finished; run "
-                        + " ".join(f"`python -m kd_fracture.cv --run-dir {run.path} --fold {k}`" for k in missing))
+                        + " ".join(f"`python -m kd_fracture.cv --out {run.path} --fold {k}`" for k in missing))
     if not (run.holdout / "metrics.json").is_file():
-        raise UserError(f"{run.path}: no holdout/metrics.json; run `python -m kd_fracture.cv --run-dir {run.path} "
+        raise UserError(f"{run.path}: no holdout/metrics.json; run `python -m kd_fracture.cv --out {run.path} "
                         f"--aggregate` first")
     fold_json = {k: io.read_json(run.fold(k) / "metrics.json") for k in ks}
     folds = pd.DataFrame([{"fold": k, **{m: r["study"][m] for m in STUDY_METRICS}, "image_auroc": r["image"]["auroc"]}

@@ -79,7 +79,7 @@ class RunDir:
         if diffs:
             k = diffs[0]
             raise UserError(f"{self.config}: this run was made with {k}={old.get(k)!r}, now {new.get(k)!r}; "
-                            "use the same settings to resume, or a new --run-dir")
+                            "use the same settings to resume, or a new --out")
 
     @property
     def trained_on(self) -> str | None:
