@@ -196,7 +196,7 @@ class Context:
         """The benchmark phantom's manifest (generated once into cache_dir, reused by later runs)."""
         if self._manifest is None:
             from kd_fracture.data.manifest import load_manifest
-            from kd_fracture.data.synthetic import ensure_default_phantom
+            from kd_fracture.data.phantom import ensure_default_phantom
 
             s = self.settings
             root = ensure_default_phantom(s.cache_dir, patients=s.phantom_patients, size=s.phantom_size, seed=0)

@@ -29,7 +29,7 @@ from torch import nn
 
 from kd_fracture.data.dataset import XrayDataset
 from kd_fracture.data.manifest import load_manifest
-from kd_fracture.data.synthetic import GENERATOR_VERSION, generate_phantom
+from kd_fracture.data.phantom import GENERATOR_VERSION, generate_phantom
 from kd_fracture.io import write_json, write_text
 from kd_fracture.metrics import evaluate
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kd_fracture.data.dataset import XrayDataset, make_loader
 from kd_fracture.data.manifest import load_manifest
-from kd_fracture.data.synthetic import GENERATOR_VERSION, ensure_default_phantom, generate_phantom
+from kd_fracture.data.phantom import GENERATOR_VERSION, ensure_default_phantom, generate_phantom
 from kd_fracture.io import write_json, write_text
 from kd_fracture.metrics import evaluate
 

@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory):
     """A MURA-v1.1-layout phantom of 40 patients at 32 px (≈ 200 images); returns the data root."""
-    from kd_fracture.data.synthetic import generate_phantom
+    from kd_fracture.data.phantom import generate_phantom
 
     return generate_phantom(tmp_path_factory.mktemp("phantom") / "tiny_phantom", patients=40, size=32, seed=0)
 

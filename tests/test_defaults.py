@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kd_fracture import cv, dashboard, distill
-from kd_fracture.data.synthetic import generate_phantom
+from kd_fracture.data.phantom import generate_phantom
 
 TINY = ["--set", "data.phantom.size=32", "--img-size", "32", "--patients", "40", "--folds", "2", "--epochs", "1",
         "--model", "resnet10t", "--pretrained", "none", "--batch-size", "16", "--set", "train.warmup_epochs=0",

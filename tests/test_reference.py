@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from kd_fracture import cv, distill
-from kd_fracture.data.synthetic import generate_phantom
+from kd_fracture.data.phantom import generate_phantom
 from kd_fracture.io import read_json
 
 REFERENCE = Path(__file__).parent / "data" / "reference_tiny_run.json"

@@ -1,4 +1,4 @@
-"""Synthetic MURA-v1.1 phantom (kd_fracture.data.synthetic): layout, CSV consistency, determinism, image
+"""Synthetic MURA-v1.1 phantom (kd_fracture.data.phantom): layout, CSV consistency, determinism, image
 content, CLI and the cached default. Phantoms here are tiny (8-14 patients, 32 px)."""
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from kd_fracture.cli import phantom as phantom_cli
-from kd_fracture.data import synthetic
-from kd_fracture.data.synthetic import (BODY_PARTS, MARKER_NAME, ensure_default_phantom, generate_phantom,
-                                        render_view)
+from kd_fracture.data import phantom as phantom_pkg  # `phantom` is the fixture below
+from kd_fracture.data.phantom import (BODY_PARTS, MARKER_NAME, ensure_default_phantom, generate_phantom,
+                                      render_view)
+from kd_fracture.data.phantom import tree as phantom_tree
 from kd_fracture.errors import UserError
 
 PATIENTS, SIZE, SEED, HOLDOUT = 14, 32, 7, 0.3
@@ -87,7 +88,7 @@ def test_tree_and_csvs_are_consistent(phantom: Path):
 
 
 def test_marker_counts_match_csvs(phantom: Path):
-    info = synthetic.phantom_info(phantom)
+    info = phantom_pkg.phantom_info(phantom)
     assert info["synthetic"] is True and info["params"]["seed"] == SEED
     for split in ("train", "valid"):
         images, studies = _read_csvs(phantom, split)
@@ -126,11 +127,11 @@ def test_render_view_shapes_and_fractures_change_pixels():
         img = render_view(rng, part, abnormal=True, size=40, subtlety=0.0)
         assert img.shape == (40, 40) and img.dtype == np.uint8
         # the same study with and without its fracture, seen through identical view parameters
-        anatomy = synthetic.render_anatomy(rng, synthetic.sample_patient(rng, part), 64)
-        study = synthetic.render_study(rng, anatomy, abnormal=True, subtlety=0.0)
-        normal = synthetic.render_study(rng, anatomy, abnormal=False, subtlety=0.0)
-        seen = synthetic.render_study_view(np.random.default_rng(1), study, 0, 64, fracture_visible=True)
-        plain = synthetic.render_study_view(np.random.default_rng(1), normal, 0, 64)
+        anatomy = phantom_pkg.render_anatomy(rng, phantom_pkg.sample_patient(rng, part), 64)
+        study = phantom_pkg.render_study(rng, anatomy, abnormal=True, subtlety=0.0)
+        normal = phantom_pkg.render_study(rng, anatomy, abnormal=False, subtlety=0.0)
+        seen = phantom_pkg.render_study_view(np.random.default_rng(1), study, 0, 64, fracture_visible=True)
+        plain = phantom_pkg.render_study_view(np.random.default_rng(1), normal, 0, 64)
         assert np.abs(seen.astype(int) - plain).max() > 30, f"{part}: {study.kind} left no visible trace"
 
 
@@ -150,7 +151,7 @@ def test_global_intensity_does_not_reveal_the_label():
 
 def test_interrupted_generation_leaves_no_tree(tmp_path: Path, monkeypatch):
     calls = {"n": 0}
-    real = synthetic.render_study_view
+    real = phantom_tree.render_study_view
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -158,7 +159,7 @@ def test_interrupted_generation_leaves_no_tree(tmp_path: Path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "render_study_view", failing)
+    monkeypatch.setattr(phantom_tree, "render_study_view", failing)  # where _patient_rows looks it up
     with pytest.raises(KeyboardInterrupt):
         generate_phantom(tmp_path, 10, SIZE)
     assert list(tmp_path.iterdir()) == [], "a half-written tree or temp directory was left behind"

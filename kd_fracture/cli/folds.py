@@ -7,7 +7,7 @@ from pathlib import Path
 from kd_fracture.cli.common import new_parser
 from kd_fracture.data.folds import folds_path, format_fold_summary, load_or_make_folds
 from kd_fracture.data.manifest import load_manifest
-from kd_fracture.data.synthetic import ensure_default_phantom
+from kd_fracture.data.phantom import ensure_default_phantom
 from kd_fracture.errors import cli_main
 
 

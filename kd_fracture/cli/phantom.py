@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from kd_fracture.cli.common import new_parser
-from kd_fracture.data.synthetic import (DEFAULT_ABNORMAL_FRAC, DEFAULT_HOLDOUT_FRAC, generate_phantom, phantom_info,
-                                        write_preview)
+from kd_fracture.data.phantom import (DEFAULT_ABNORMAL_FRAC, DEFAULT_HOLDOUT_FRAC, generate_phantom, phantom_info,
+                                      write_preview)
 from kd_fracture.errors import cli_main
 
 

@@ -30,7 +30,7 @@ def data_name(cfg: DataConfig) -> str:
 
 def phantom_root(ph: PhantomConfig) -> Path:
     """The synthetic phantom's data root for this config, generated once into the cache dir."""
-    from kd_fracture.data.synthetic import ensure_default_phantom
+    from kd_fracture.data.phantom import ensure_default_phantom
 
     return ensure_default_phantom(ph.cache_dir, patients=ph.patients, size=ph.size, seed=ph.seed,
                                   holdout_frac=ph.holdout_frac)
