@@ -28,7 +28,7 @@ from kd_fracture.config import CVConfig
 from kd_fracture.errors import UserError
 from kd_fracture.report import tables
 from kd_fracture.metrics import STUDY_METRICS
-from kd_fracture.runs.rundir import RunDir
+from kd_fracture.runs.rundir import RunDir, require_done
 
 COMPARISON_DIR = "comparison"
 
@@ -95,10 +95,7 @@ def load_result(path: str | Path, name: str | None = None) -> RunResult:
         entries = ", ".join(str(run.path / n) for n in cfg.sweep)
         raise UserError(f"{run.path}: is a sweep; compare its entries ({entries}) or read {run.path / COMPARISON_DIR}/")
     ks = list(range(cfg.data.folds))
-    missing = [k for k in ks if not (run.fold(k) / "metrics.json").is_file()]
-    if missing:
-        raise UserError(f"{run.path}: fold(s) {missing} are not finished; run "
-                        + " ".join(f"`python -m kd_fracture.cv --out {run.path} --fold {k}`" for k in missing))
+    require_done(run, ks, "fold(s)", f"python -m kd_fracture.cv --out {run.path}")
     if not (run.holdout / "metrics.json").is_file():
         raise UserError(f"{run.path}: no holdout/metrics.json; run `python -m kd_fracture.cv --out {run.path} "
                         f"--aggregate` first")
