@@ -253,10 +253,15 @@ class SearchConfig:
     timeout: float | None = None
     """Seconds for the search (Optuna's timeout)."""
     sampler_seed: int = 0
+    worker: int = 0
+    """Index of this search process among the workers sharing the study (distill --worker N): its TPE sampler is
+    seeded with sampler_seed + worker."""
     pruner: str = "median"
     """median | wilcoxon | none."""
-    metric: str = "study_kappa"
-    """Objective: mean over the search folds of this scored-fold metric (study_<kappa|auroc|f1|…> or image_auroc)."""
+    metric: str = "study_auroc"
+    """Objective: mean over the search folds of this metric on each fold's inner-validation split (study_kappa |
+    study_auroc | image_auroc) — never the scored fold, which reports the final students. AUROC needs no cut, so
+    ~30 inner-val studies rank settings with less noise than κ."""
     n_startup_trials: int = 2
     """Trials completed before the median pruner prunes, and random trials before TPE models the results."""
     folds: int | None = 2

@@ -229,7 +229,10 @@ def fast_binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float =
 
 def bootstrap_ci(pred: pd.DataFrame, n_resamples: int = 1000, seed: int = 0, threshold: float = 0.5,
                  level: float = 0.95) -> dict[str, dict[str, float]]:
-    """Percentile bootstrap over studies: resample studies with replacement, recompute study-level metrics.
+    """Percentile bootstrap over patients (Efron & Tibshirani 1993; the cluster bootstrap, Davison & Hinkley 1997
+    §3.8): resample patients with replacement, keep all studies of each drawn patient, recompute the study-level
+    metrics. The patient is the independent unit — a patient's studies share anatomy and reader — so resampling
+    studies would understate the spread. Without a patient_id column every study is its own patient.
 
     Returns {metric: {"value", "low", "high"}} for every study metric. Resamples with one class only give NaN
     for AUROC and are skipped by nanpercentile.
@@ -237,10 +240,16 @@ def bootstrap_ci(pred: pd.DataFrame, n_resamples: int = 1000, seed: int = 0, thr
     studies = study_table(pred)
     y = studies["label"].to_numpy(int)
     p = studies["prob"].to_numpy(float)
+    patients = studies["patient_id"] if "patient_id" in studies else studies["study_id"]
+    codes, uniques = pd.factorize(patients, sort=True)
+    members = [np.flatnonzero(codes == i) for i in range(len(uniques))]  # patient → its study rows
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), (n_resamples, len(y)))  # (B, n) resampled study indices
-    fast = fast_binary_metrics(y[idx], p[idx], threshold)
-    draws = np.stack([fast[k] for k in STUDY_METRICS], axis=1)  # (B, n_metrics)
+    drawn = rng.integers(0, len(members), (n_resamples, len(members)))  # (B, n_patients) resampled patients
+    draws = np.empty((n_resamples, len(STUDY_METRICS)))
+    for b, row in enumerate(drawn):
+        idx = np.concatenate([members[i] for i in row])[None]  # (1, n_studies_b): all studies of the drawn patients
+        fast = fast_binary_metrics(y[idx], p[idx], threshold)
+        draws[b] = [fast[k][0] for k in STUDY_METRICS]
     point = binary_metrics(y, p, threshold)
     alpha = (1 - level) / 2 * 100
     with warnings.catch_warnings():

@@ -2,14 +2,15 @@
 
     space = parse_space(cfg.search.space, cfg)                        # from studies/distill_hybrid.yaml
     study = open_study(cfg.search, fingerprint={...})                  # sqlite:///studies/<study>.db, load_if_exists
-    objective = make_objective(space, folds=[0, 1, 2], score_fold=train_and_score, report="running_mean")
+    objective = make_objective(space, folds=[0, 1], score_fold=train_and_score, epochs=3)
     run_search(study, objective, cfg.search)                           # until the study holds n_trials finished trials
 
-The objective trains one student per fold, scores that fold once, and reports after every fold so a pruner can stop
-a weak trial early: MedianPruner (Optuna's default, Golovin et al. 2017) compares the running mean with the median of
-earlier trials at the same step; WilcoxonPruner (Optuna ≥ 3.6) runs a signed-rank test of the per-fold values against
-the best trial's, so it is given the per-fold value at step = fold, not the running mean. The objective value is the
-mean over folds either way (what Wilcoxon assumes).
+The objective trains one student per search fold and reads its value on that fold's inner-validation split — never
+on the scored fold or the holdout, which report the final students afterwards (unbiased selection). It reports after
+every epoch (step = fold_index × epochs + epoch) so a pruner can stop a weak trial inside a fold: MedianPruner
+(Optuna's default, Golovin et al. 2017) compares the running mean with the median of earlier trials at the same
+step; WilcoxonPruner (Optuna ≥ 3.6) runs a signed-rank test of the per-step values against the best trial's. The
+objective value is the mean over folds either way.
 
 Storage: `sqlite:///studies/<study>.db` by default; `postgresql://…` / `mysql://…` / `sqlite:///…` become an
 `RDBStorage` with heartbeats, so a trial whose worker died is failed after the grace period and re-enqueued once with
@@ -21,6 +22,7 @@ study holds `n_trials` finished (complete + pruned) trials.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from kd_fracture import io
+from kd_fracture import io, metrics
 from kd_fracture.config import DistillConfig, SearchConfig, replace, to_dict
 from kd_fracture.errors import ConfigError, UserError
 
@@ -67,7 +69,16 @@ NOT_SEARCHABLE = {
     "train.eval_batch_size", "train.monitor", "train.mixup", "train.cutmix", "student.name", "student.in_chans",
     "student.num_classes", "student.pretrained",
 }
+NO_EFFECT = {
+    # distillation's loss is kd_loss (models/losses.py): it reads neither of these, so a search over them would rank
+    # noise; mixup/cutmix are refused for distill as a whole (mixed images have no cached teacher logits)
+    "train.label_smoothing": "kd_loss has no label smoothing (its soft term already smooths the targets)",
+    "train.loss": "kd_loss picks BCE or CE from the student's number of logits, not from train.loss",
+    "train.pos_weight": "searched class weights move the decision threshold, which the inner split chooses anyway",
+}
 PRUNERS = ("median", "wilcoxon", "none")
+WILCOXON_P = 0.1
+"""WilcoxonPruner's p_threshold (Optuna's default)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -164,6 +175,8 @@ def _check_path(param: Param, cfg: DistillConfig, where: str) -> None:
     if name in NOT_SEARCHABLE:
         raise ConfigError(f"{where}: '{name}' cannot be searched (it changes the cached teacher logits, the data or "
                           "the run, not the student); set it with --set instead")
+    if name in NO_EFFECT:
+        raise ConfigError(f"{where}: '{name}' has no effect on a distilled student ({NO_EFFECT[name]}); remove it")
     if name.startswith("student.overrides."):
         from kd_fracture.models.student import STUDENT_REGISTRY, hybrid_config
 
@@ -199,21 +212,23 @@ def apply_params(cfg: DistillConfig, params: Mapping[str, Any]) -> DistillConfig
     return replace(cfg, **dict(params)) if params else cfg
 
 
-def check_metric(metric: str) -> tuple[str, str]:
-    """`study_<m>` (m in STUDY_METRICS) or `image_auroc` → (level, name); anything else is a ConfigError."""
-    from kd_fracture.metrics import STUDY_METRICS
-
-    level, _, name = metric.partition("_")
-    if not ((level == "study" and name in STUDY_METRICS) or metric == "image_auroc"):
-        raise ConfigError(f"search.metric '{metric}': use study_<{'|'.join(STUDY_METRICS)}> or image_auroc")
-    return level, name
+def check_metric(metric: str) -> str:
+    """The objective is an inner-validation metric that `engine.fit` also computes after every epoch (so it can be
+    reported per epoch): one of metrics.MONITORS; anything else is a ConfigError."""
+    if metric not in metrics.MONITORS:
+        raise ConfigError(f"search.metric '{metric}': use one of {', '.join(metrics.MONITORS)} (an inner-validation "
+                          "metric computed after every epoch)")
+    return metric
 
 
 def metric_value(result: dict, metric: str) -> float:
-    """The `metric` of an `metrics.evaluate` result (see check_metric); NaN stays NaN."""
-    level, name = check_metric(metric)
-    value = result[level][name]
-    return float("nan") if value is None else float(value)
+    """The `metric` of an `metrics.evaluate` result (`metrics.monitor_value`); NaN when undefined."""
+    value = metrics.monitor_value(result, check_metric(metric))
+    return value if math.isfinite(value) else float("nan")
+
+
+HISTORY_COLUMN = {"study_kappa": "val_study_kappa", "study_auroc": "val_study_auroc", "image_auroc": "val_image_auroc"}
+"""metric → its column in `engine.fit`'s per-epoch history row (κ there is at 0.5: the cut is chosen after training)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -277,19 +292,36 @@ def make_storage(url: str, cfg: SearchConfig) -> optuna.storages.BaseStorage:
                         ) from None
 
 
+def sampler_seed(cfg: SearchConfig) -> int:
+    """sampler_seed + worker: workers sharing a study draw different random start-up trials (with one seed, two
+    workers proposed the same first parameters)."""
+    return cfg.sampler_seed + cfg.worker
+
+
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
-    """TPE (Bergstra et al. 2011), seeded; `n_startup_trials` random trials first, like the pruner's startup."""
-    return optuna.samplers.TPESampler(seed=cfg.sampler_seed, n_startup_trials=max(1, cfg.n_startup_trials))
+    """TPE (Bergstra et al. 2011), seeded per worker (`sampler_seed`); `n_startup_trials` random trials first, like
+    the pruner's startup."""
+    return optuna.samplers.TPESampler(seed=sampler_seed(cfg), n_startup_trials=max(1, cfg.n_startup_trials))
+
+
+def check_pruner(cfg: SearchConfig, steps: int) -> None:
+    """ConfigError when the pruner can never act: WilcoxonPruner's smallest exact one-sided p-value over n paired
+    steps is 1 / 2^n, so with p_threshold 0.1 it needs n ≥ 4 (here steps = search folds × search epochs)."""
+    make_pruner(cfg)
+    if cfg.pruner == "wilcoxon" and 0.5 ** steps >= WILCOXON_P:
+        raise ConfigError(f"search.pruner wilcoxon: {steps} paired step(s) per trial can never reach p < {WILCOXON_P} "
+                          f"(the smallest possible p is {0.5 ** steps:g}); use ≥ 4 fold-epochs (search.folds × "
+                          "search.epochs) or pruner median")
 
 
 def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
     if cfg.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=0)
     if cfg.pruner == "wilcoxon":
-        # the signed-rank test needs ≥ 2 paired folds; p_threshold 0.1 is Optuna's default
+        # paired steps = fold-epochs; p_threshold 0.1 is Optuna's default
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)
+            return optuna.pruners.WilcoxonPruner(p_threshold=WILCOXON_P, n_startup_steps=2)
     if cfg.pruner == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"search.pruner '{cfg.pruner}' is not one of {', '.join(PRUNERS)}")
@@ -307,6 +339,10 @@ def open_study(cfg: SearchConfig, storage: str | optuna.storages.BaseStorage | N
         storage = make_storage(storage_url(storage, cfg.study, studies_dir), cfg)
     study = optuna.create_study(study_name=cfg.study, storage=storage, direction="maximize",
                                 sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
+    if study.metric_names is None:  # the dashboard and trials.csv name the objective instead of "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([cfg.metric])
     if fingerprint is not None:
         fingerprint = jsonable(fingerprint)
         saved = study.user_attrs.get("kd_fracture")
@@ -329,17 +365,22 @@ def jsonable(obj: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------------
 # objective and optimisation
 
-ScoreFold = Callable[[optuna.Trial, dict, int], float]
-"""(trial, params, fold) → the scored fold's metric for a student trained with `params`."""
+EpochReport = Callable[[int, float], None]
+"""(epoch, inner-val metric after that epoch) → None; raises optuna.TrialPruned when the trial should stop."""
+ScoreFold = Callable[[optuna.Trial, dict, int, EpochReport], float]
+"""(trial, params, fold, report_epoch) → the fold's objective value (its inner-val metric); calls report_epoch after
+every epoch."""
 
 
-def make_objective(space: Mapping[str, Param], folds: Sequence[int], score_fold: ScoreFold,
+def make_objective(space: Mapping[str, Param], folds: Sequence[int], score_fold: ScoreFold, epochs: int,
                    report: str = "running_mean") -> Callable[[optuna.Trial], float]:
-    """suggest → per fold: train + score → report(step=fold) → prune?; returns the mean over folds.
+    """suggest → per fold: train, reporting after every epoch (step = fold_index × epochs + epoch) → prune? →
+    returns the mean of the folds' values.
 
-    report="running_mean" (MedianPruner: the mean so far is what is compared) or "per_fold" (WilcoxonPruner: the
-    per-fold values are paired with the best trial's at the same fold). Each fold's value is kept as user
-    attribute `fold<k>` (a column of trials.csv).
+    report="running_mean" (MedianPruner compares the mean so far: the finished folds' values and this fold's
+    value after this epoch) or "per_fold" (WilcoxonPruner pairs each step's own value with the best trial's at the
+    same step). A trial is never pruned at its last step: it has finished, and its value informs TPE and the
+    pruner's reference set. Each fold's value is kept as user attribute `fold<k>` (a column of trials.csv).
     """
     if report not in ("running_mean", "per_fold"):
         raise ValueError(f"report must be running_mean or per_fold, got {report!r}")
@@ -347,14 +388,18 @@ def make_objective(space: Mapping[str, Param], folds: Sequence[int], score_fold:
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
         scores: list[float] = []
-        for k in folds:
-            value = float(score_fold(trial, params, k))
+        for i, k in enumerate(folds):
+            last_fold = i == len(folds) - 1
+
+            def report_epoch(epoch: int, value: float, i=i, k=k, last_fold=last_fold) -> None:
+                running = float(np.mean([*scores, value]))
+                trial.report(value if report == "per_fold" else running, step=i * epochs + epoch)
+                if not (last_fold and epoch >= epochs - 1) and trial.should_prune():
+                    raise optuna.TrialPruned(f"fold {k} epoch {epoch + 1}: running mean {running:.4f}")
+
+            value = float(score_fold(trial, params, k, report_epoch))
             scores.append(value)
             trial.set_user_attr(f"fold{k}", value)
-            running = float(np.mean(scores))
-            trial.report(value if report == "per_fold" else running, step=k)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"after fold {k}: running mean {running:.4f}")
         return float(np.mean(scores))
 
     return objective
@@ -366,19 +411,34 @@ def count_finished(study: optuna.Study) -> int:
 
 def run_search(study: optuna.Study, objective: Callable[[optuna.Trial], float], cfg: SearchConfig,
                catch: Iterable[type[Exception]] = (), callbacks: Sequence[Callable] = ()) -> int:
-    """Run trials until the study holds `cfg.n_trials` finished trials (all workers together) or `cfg.timeout`.
+    """Run trials until the study holds `cfg.n_trials` finished (complete + pruned) trials, all workers together,
+    or `cfg.timeout` seconds pass. A failed trial does not count: another one is started in its place, until
+    `cfg.n_trials` trials of this process have failed (then the failures are the problem, not the budget).
 
-    Returns the number of trials this process started. A rerun of a finished study starts none.
-    Exceptions in `catch` fail only their trial (e.g. a non-finite loss at an extreme learning rate).
+    Returns the number of trials this process started. A rerun of a finished study starts none. Exceptions in
+    `catch` fail only their trial (e.g. a non-finite loss at an extreme learning rate). Each trial records its
+    worker index and sampler seed as user attributes.
     """
-    remaining = cfg.n_trials - count_finished(study)
-    if remaining <= 0:
-        return 0
-    before = len(study.trials)
+    def attributed(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", cfg.worker)
+        trial.set_user_attr("sampler_seed", sampler_seed(cfg))
+        return objective(trial)
+
+    started, failed, t0 = 0, 0, time.monotonic()
     stop = optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED)
-    study.optimize(objective, n_trials=remaining, timeout=cfg.timeout, catch=tuple(catch),
-                   callbacks=[stop, *callbacks], gc_after_trial=True)
-    return len(study.trials) - before
+    while (remaining := cfg.n_trials - count_finished(study)) > 0 and failed < cfg.n_trials:
+        left = None if cfg.timeout is None else cfg.timeout - (time.monotonic() - t0)
+        if left is not None and left <= 0:
+            break
+        before = {t.number for t in study.get_trials(deepcopy=False)}
+        study.optimize(attributed, n_trials=remaining, timeout=left, catch=tuple(catch),
+                       callbacks=[stop, *callbacks], gc_after_trial=True)
+        mine = [t for t in study.get_trials(deepcopy=False) if t.number not in before]
+        started += len(mine)
+        failed += sum(t.state == TrialState.FAIL for t in mine)
+        if not mine:
+            break
+    return started
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -404,6 +464,10 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                                        "duration"))
     if "duration" in df:
         df["duration_s"] = df.pop("duration").dt.total_seconds()
+    named = [c for c in df.columns if c.startswith("value_")]  # a study with metric names writes value_<metric>
+    if named and "value" not in df:
+        df = df.rename(columns={named[0]: "value"})
+        df.insert(df.columns.get_loc("value") + 1, "metric", named[0][len("value_"):])
     return df
 
 

@@ -41,6 +41,11 @@ def test_two_fold_run_produces_documented_tree(tiny_cv_overrides, tmp_path, caps
     holdout = json.loads((run / "holdout" / "metrics.json").read_text())["fold_ensemble"]
     ci = holdout["ci95"]["kappa"]
     assert ci["low"] <= ci["value"] <= ci["high"]
+    parts = pd.read_csv(run / "tables" / "per_body_part.csv")  # the holdout's body parts carry their own CIs
+    held = parts[parts["evaluation"] == "holdout"]
+    assert {"kappa_low", "kappa_high", "auroc_low", "auroc_high"} <= set(parts.columns)
+    shown = held.dropna(subset=["kappa_low"])  # a body part with a handful of studies may have no defined κ
+    assert len(shown) >= len(held) // 2 and (shown["kappa_low"] <= shown["kappa"] + 1e-12).all()
     # every pool study is scored exactly once across folds
     oof = pd.concat([pd.read_csv(run / f"fold_{k}" / "oof_predictions.csv") for k in (0, 1)])
     folds = pd.read_csv(run / "folds.csv")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -23,6 +24,7 @@ from kd_fracture.train import tasks
 from kd_fracture.runs.models import load_teacher_run
 from kd_fracture.pipelines.cv import run_cv
 from kd_fracture.cli import distill as distill_cli
+from kd_fracture.io import read_json
 from kd_fracture.train.checkpoint import BEST, load_weights, save_weights
 from kd_fracture.config import DistillConfig
 
@@ -308,3 +310,36 @@ def test_student_flag_keeps_the_distill_student_defaults(tmp_path):
     cfg = distill_cli.resolve_config(args, flags)
     assert (cfg.student.name, cfg.student.in_chans, cfg.student.drop_rate) == ("hybrid_t", 1, 0.1)
     assert (cfg.train.batch_size, cfg.train.epochs) == (16, DistillConfig().train.epochs)
+
+
+def test_the_search_never_reads_a_scored_fold(teacher_run, tmp_path, monkeypatch):
+    """Unbiased selection (issue #13): a trial's value is its search folds' inner-validation metric. With every
+    scored fold's labels shuffled, each trial's value is unchanged (the scored-fold metrics do change)."""
+    import dataclasses
+
+    import numpy as np
+    import optuna
+
+    from kd_fracture.pipelines import distill as distill_pipeline
+
+    def trial_values(study: str, storage: Path) -> list[float]:
+        url = f"sqlite:///{storage}"
+        return [t.value for t in optuna.load_study(study_name=study, storage=url).trials]
+
+    args = [a for a in distill_args(teacher_run, tmp_path) if a not in ("--study", "tiny")]
+    assert distill.main([*args, "--trials-only", "--study", "plain"]) == 0
+    real = distill_pipeline.fold_rows
+
+    def shuffled_scored_labels(manifest, folds, k, data):
+        rows = real(manifest, folds, k, data)
+        studies = rows.scored.groupby("study_id")["label"].first()  # a study's images share its label
+        shuffled = dict(zip(studies.index, np.random.default_rng(k).permutation(studies.to_numpy())))
+        return dataclasses.replace(rows, scored=rows.scored.assign(label=rows.scored["study_id"].map(shuffled)))
+
+    monkeypatch.setattr(distill_pipeline, "fold_rows", shuffled_scored_labels)
+    assert distill.main([*args, "--trials-only", "--study", "shuffled"]) == 0
+    plain, shuffled = trial_values("plain", tmp_path / "study.db"), trial_values("shuffled", tmp_path / "study.db")
+    assert len(plain) == 2 and plain == shuffled
+    scored = [read_json(teacher_run.run.path / "distill" / s / "trials" / "0" / "fold_0" / "metrics.json")["study"]
+              for s in ("plain", "shuffled")]
+    assert scored[0] != scored[1]  # the control: the scored fold's own metrics did see the shuffled labels

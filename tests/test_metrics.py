@@ -178,3 +178,20 @@ def test_brier_and_auprc_equal_sklearn_at_both_levels(preds):
     none_positive = metrics.prob_metrics([0, 0], [0.2, 0.4])
     assert math.isnan(none_positive["auprc"]) and none_positive["brier"] == pytest.approx(0.1)
     assert all(math.isnan(v) for v in metrics.prob_metrics([], []).values())
+
+
+def test_bootstrap_resamples_patients_not_studies():
+    """The patient is the independent unit (issue #13): when a patient's studies share their label and their
+    model score, resampling studies treats five copies of one patient as five patients and understates the CI."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for pt in range(40):
+        label, offset = int(rng.random() < 0.4), rng.normal(0, 0.2)
+        for s in range(5):
+            rows.append({"patient_id": f"p{pt}", "study_id": f"p{pt}/s{s}", "body_part": "XR_WRIST",
+                         "label": label, "prob": float(np.clip(0.35 + 0.3 * label + offset, 0, 1))})
+    pred = pd.DataFrame(rows)
+    by_patient = metrics.bootstrap_ci(pred, 500, 0)["kappa"]
+    by_study = metrics.bootstrap_ci(pred.drop(columns="patient_id"), 500, 0)["kappa"]  # each study its own patient
+    assert by_patient["value"] == by_study["value"]
+    assert (by_patient["high"] - by_patient["low"]) > 1.6 * (by_study["high"] - by_study["low"])

@@ -19,6 +19,18 @@ SPACE = {"kd.alpha": {"type": "float", "low": 0.0, "high": 1.0},
          "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
 
 
+def one_epoch(score):
+    """A fold scorer of the old shape (trial, params, fold) → value as a ScoreFold that trains one epoch: it reports
+    the fold's value after epoch 0, so steps are folds (step = fold_index × 1 + 0)."""
+
+    def score_fold(trial, params, fold, report_epoch):
+        value = score(trial, params, fold)
+        report_epoch(0, value)
+        return value
+
+    return score_fold
+
+
 def stub_score(trial, params, fold):
     """A 'student' whose fold score is a fixed function of its parameters: alpha 0 is the bad configuration."""
     return 0.1 if params["kd.alpha"] == 0.0 else 0.5 + 0.1 * fold + 0.01 * params["kd.alpha"]
@@ -117,7 +129,7 @@ def test_default_storage_is_sqlite_under_studies(tmp_path, monkeypatch):
 
 def test_rerun_on_same_sqlite_continues_the_study(tmp_path):
     space = search.parse_space(SPACE)
-    objective = search.make_objective(space, [0, 1], stub_score)
+    objective = search.make_objective(space, [0, 1], one_epoch(stub_score), 1)
     cfg = SearchConfig(study="t", n_trials=2, space=SPACE)
     study = search.open_study(cfg, sqlite(tmp_path))
     assert search.run_search(study, objective, cfg) == 2
@@ -132,7 +144,8 @@ def test_rerun_on_same_sqlite_continues_the_study(tmp_path):
     assert len(trials) == 3 and [(t.number, t.params, t.value) for t in trials[:2]] == first
     assert all(t.state == TrialState.COMPLETE for t in trials)
     value = first[0][2]
-    assert trials[0].user_attrs == {"fold0": pytest.approx(value - 0.05), "fold1": pytest.approx(value + 0.05)}
+    assert trials[0].user_attrs == {"fold0": pytest.approx(value - 0.05), "fold1": pytest.approx(value + 0.05),
+                                    "worker": 0, "sampler_seed": 0}
 
 
 def test_worse_trial_is_pruned_after_first_fold(tmp_path):
@@ -146,7 +159,7 @@ def test_worse_trial_is_pruned_after_first_fold(tmp_path):
         calls.append((trial.number, fold))
         return stub_score(trial, params, fold)
 
-    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0, 1, 2], score), cfg)
+    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0, 1, 2], one_epoch(score), 1), cfg)
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     assert [c for c in calls if c[0] == 2] == [(2, 0)]  # stopped after its first fold
@@ -159,7 +172,7 @@ def test_sound_trial_is_not_pruned(tmp_path):
     study = search.open_study(cfg, memory())
     for alpha in (0.5, 0.6, 0.9):
         study.enqueue_trial({"kd.alpha": alpha, "train.lr": 1e-3})
-    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0, 1, 2], stub_score), cfg)
+    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0, 1, 2], one_epoch(stub_score), 1), cfg)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
 
 
@@ -172,7 +185,7 @@ def test_reports_running_mean_for_median_and_fold_values_for_wilcoxon(tmp_path):
         assert isinstance(study.pruner, {"median": optuna.pruners.MedianPruner,
                                          "wilcoxon": optuna.pruners.WilcoxonPruner}[pruner])
         study.enqueue_trial({"kd.alpha": 0.5, "train.lr": 1e-3})
-        search.run_search(study, search.make_objective(space, [0, 1, 2], stub_score, report=report), cfg)
+        search.run_search(study, search.make_objective(space, [0, 1, 2], one_epoch(stub_score), 1, report=report), cfg)
         trial = study.trials[0]
         assert trial.intermediate_values == pytest.approx(expected)
         assert trial.value == pytest.approx(0.605)  # the mean over folds either way
@@ -184,7 +197,7 @@ def test_sampler_is_seeded(tmp_path):
     for i in range(2):
         cfg = SearchConfig(study="s", n_trials=3, space=SPACE, sampler_seed=123)
         study = search.open_study(cfg, memory())
-        search.run_search(study, search.make_objective(space, [0], stub_score), cfg)
+        search.run_search(study, search.make_objective(space, [0], one_epoch(stub_score), 1), cfg)
         values.append([t.params for t in study.trials])
     assert values[0] == values[1]
 
@@ -202,7 +215,7 @@ def test_write_outputs(tmp_path):
     cfg = SearchConfig(study="o", n_trials=4, space=SPACE, n_startup_trials=1)
     url = "sqlite:///unused.db"
     study = search.open_study(cfg, memory())
-    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0, 1], stub_score), cfg)
+    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0, 1], one_epoch(stub_score), 1), cfg)
     search.write_outputs(study, tmp_path / "out", cfg.metric, url)
     import pandas as pd
     import yaml
@@ -230,7 +243,7 @@ def _worker(url: str, n_trials: int, name: str) -> None:
 
     cfg = SearchConfig(study="coop", n_trials=n_trials, space=SPACE)
     study = search.open_study(cfg, url)
-    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0, 1], slow_score), cfg)
+    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0, 1], one_epoch(slow_score), 1), cfg)
 
 
 def test_two_workers_share_a_journal_study(tmp_path):
@@ -248,3 +261,99 @@ def test_two_workers_share_a_journal_study(tmp_path):
     assert 6 <= len(finished) <= 7  # each worker stops once the study holds 6; one may be mid-trial then
     assert {t.user_attrs["worker"] for t in finished} == {"w0", "w1"}
     assert len({t.number for t in finished}) == len(finished)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# issue #13: search mechanics
+
+
+def test_reports_every_epoch_at_step_fold_times_epochs_plus_epoch():
+    cfg = SearchConfig(study="e", n_trials=1, space=SPACE, pruner="none")
+    study = search.open_study(cfg, memory())
+
+    def three_epochs(trial, params, fold, report_epoch):
+        for epoch in range(3):
+            report_epoch(epoch, 0.5 + 0.1 * fold + 0.01 * epoch)
+        return 0.5 + 0.1 * fold
+
+    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0, 1], three_epochs, 3), cfg)
+    steps = study.trials[0].intermediate_values
+    assert sorted(steps) == [0, 1, 2, 3, 4, 5]
+    assert steps[4] == pytest.approx((0.5 + 0.61) / 2)  # running mean: fold 0's value and fold 1 after epoch 2
+
+
+def test_a_trial_is_never_pruned_at_its_last_step():
+    """Pruned at its last step, a finished trial was lost to TPE and to the pruner's reference set."""
+    cfg = SearchConfig(study="l", n_trials=3, space=SPACE, pruner="median", n_startup_trials=2)
+    study = search.open_study(cfg, memory())
+    for alpha in (0.5, 0.6, 0.0):
+        study.enqueue_trial({"kd.alpha": alpha, "train.lr": 1e-3})
+    search.run_search(study, search.make_objective(search.parse_space(SPACE), [0], one_epoch(stub_score), 1), cfg)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert study.trials[2].value == pytest.approx(0.1)
+
+
+def test_wilcoxon_that_can_never_prune_is_refused():
+    cfg = SearchConfig(space=SPACE, pruner="wilcoxon")
+    with pytest.raises(ConfigError, match="2 paired step.*smallest possible p is 0.25"):
+        search.check_pruner(cfg, 2)  # 2 search folds × 1 epoch
+    search.check_pruner(cfg, 2 * 3)  # per-epoch steps: 6 paired values can reach p < 0.1
+    search.check_pruner(SearchConfig(space=SPACE, pruner="median"), 1)
+
+
+def test_failed_trials_do_not_count_towards_n_trials():
+    cfg = SearchConfig(study="f", n_trials=3, space=SPACE)
+    study = search.open_study(cfg, memory())
+    calls = []
+
+    def flaky(trial, params, fold):
+        calls.append(trial.number)
+        if len(calls) <= 2:
+            raise RuntimeError("diverged")
+        return stub_score(trial, params, fold)
+
+    started = search.run_search(study, search.make_objective(search.parse_space(SPACE), [0], one_epoch(flaky), 1),
+                                cfg, catch=(RuntimeError,))
+    assert started == 5 and search.count_finished(study) == 3
+    assert [t.state for t in study.trials].count(TrialState.FAIL) == 2
+
+
+def test_a_search_that_only_fails_stops():
+    cfg = SearchConfig(study="x", n_trials=2, space=SPACE)
+    study = search.open_study(cfg, memory())
+
+    def broken(trial, params, fold):
+        raise RuntimeError("always")
+
+    assert search.run_search(study, search.make_objective(search.parse_space(SPACE), [0], one_epoch(broken), 1),
+                             cfg, catch=(RuntimeError,)) == 2
+
+
+@pytest.mark.parametrize("key", ["train.label_smoothing", "train.loss", "train.pos_weight"])
+def test_keys_without_effect_on_a_student_are_refused(key):
+    spec = {"type": "categorical", "choices": ["bce", "ce"]} if key == "train.loss" else \
+        {"type": "float", "low": 0.0, "high": 0.2}
+    with pytest.raises(ConfigError, match=f"'{key}' has no effect on a distilled student"):
+        search.parse_space({**SPACE, key: spec}, DistillConfig())
+
+
+def test_each_worker_seeds_its_sampler_and_records_it():
+    first = []
+    for worker in (0, 1):
+        cfg = SearchConfig(study="w", n_trials=1, space=SPACE, sampler_seed=7, worker=worker)
+        study = search.open_study(cfg, memory())
+        search.run_search(study, search.make_objective(search.parse_space(SPACE), [0], one_epoch(stub_score), 1), cfg)
+        trial = study.trials[0]
+        assert trial.user_attrs["worker"] == worker and trial.user_attrs["sampler_seed"] == 7 + worker
+        first.append(trial.params)
+    assert first[0] != first[1]
+
+
+def test_the_study_names_its_metric():
+    study = search.open_study(SearchConfig(study="m", space=SPACE, metric="study_auroc"), memory())
+    assert study.metric_names == ["study_auroc"]
+
+
+def test_metric_must_be_an_inner_validation_metric():
+    with pytest.raises(ConfigError, match="search.metric 'study_f1'"):
+        search.check_metric("study_f1")

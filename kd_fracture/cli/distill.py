@@ -39,6 +39,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, ConfigFlags]:
     f.add(g, "--pruner", "search.pruner", choices=search.PRUNERS)
     f.add(g, "--search-epochs", "search.epochs", "epochs per fold in a trial", type=int, metavar="N")
     f.add(g, "--search-folds", "search.folds", "folds per trial, the first N", type=int, metavar="N")
+    f.add(g, "--worker", "search.worker", "index of this worker among those sharing the study (seeds its sampler)",
+          type=int, metavar="N")
     g.add_argument("--skip-search", action="store_true", help="train final students with best_params.yaml (or "
                    "the config's values when there is none)")
     g.add_argument("--trials-only", action="store_true", help="only run trials (an extra worker on a shared storage)")

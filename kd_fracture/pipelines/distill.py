@@ -179,10 +179,10 @@ class Distiller:
         return pretraining.build(s, self.data.img_size, start=start, file=file)
 
     def train_fold(self, cfg: DistillConfig, k: int, out_dir: Path, epochs: int, name: str,
-                   meta: dict | None = None) -> FoldResult:
+                   meta: dict | None = None, report_epoch: search.EpochReport | None = None) -> FoldResult:
         """Train fold k's student into out_dir and score fold k once (`fold.train_and_score_fold`, as a teacher
-        fold): fold k's inner-val split chooses the decision threshold and fold k is scored at it and at 0.5; the
-        trial objective (search.metric) is read at the chosen threshold."""
+        fold): fold k's inner-val split chooses the decision threshold and fold k is scored at it and at 0.5.
+        `report_epoch(epoch, inner-val search metric)` runs after every epoch (a search trial's pruning hook)."""
         rows = self.rows(k)
         info = {"kd": {"temperature": cfg.kd.temperature, "alpha": cfg.kd.alpha, "views": cfg.kd.views,
                        "teacher_cache": cfg.kd.teacher_cache},
@@ -192,10 +192,15 @@ class Distiller:
             pos_weight = tasks.resolve_pos_weight(cfg.train.pos_weight, r.train["label"])  # "auto" → n_neg/n_pos
             return tasks.DistillTask(self.teacher_source(cfg, k), cfg.kd.temperature, cfg.kd.alpha, pos_weight)
 
+        def after_epoch(epoch: int, row: dict) -> None:
+            self.clock.tick(epoch, row)
+            if report_epoch is not None:
+                report_epoch(epoch, float(row[search.HISTORY_COLUMN[cfg.search.metric]]))
+
         return train_and_score_fold(k, rows, lambda: self.build_student(cfg), make_task,
                                     lambda r, train: self.loader(cfg, r, k, train), replace(cfg.train, epochs=epochs),
                                     cfg.eval, out_dir, name=name, device=self.device, meta={**(meta or {}), **info},
-                                    epoch_callback=self.clock.tick)
+                                    epoch_callback=after_epoch)
 
     # -- search --------------------------------------------------------------------------------------------------------
 
@@ -221,17 +226,21 @@ class Distiller:
                 "threshold": {"rule": cfg.eval.threshold_rule, "fixed": cfg.eval.threshold},
                 "space": space}
 
-    def score_trial_fold(self, trial: optuna.Trial, params: dict, k: int) -> float:
+    def score_trial_fold(self, trial: optuna.Trial, params: dict, k: int, report_epoch: search.EpochReport) -> float:
+        """Train fold k's student with the trial's parameters; its value is the search metric on fold k's
+        inner-validation split (the scored fold is scored and saved, but no selection reads it)."""
         cfg = search.apply_params(self.cfg, params)
         out_dir = self.out.path / "trials" / str(trial.number) / f"fold_{k}"
         if out_dir.exists():
             shutil.rmtree(out_dir)  # leftovers of a dead process that had this trial number: start clean
-        fold = self.train_fold(cfg, k, out_dir, self.search_epochs(), f"trial {trial.number} fold {k}",
-                               meta={"trial": trial.number, "params": params})
-        value = search.metric_value(fold.result, cfg.search.metric)
-        for name in (checkpoint.BEST, checkpoint.LAST):  # trial checkpoints are never reused: keep history + metrics
-            checkpoint.remove_checkpoint(out_dir / name)
-        engine.log(f"trial {trial.number} fold {k}: {cfg.search.metric} {value:.3f}")
+        try:
+            fold = self.train_fold(cfg, k, out_dir, self.search_epochs(), f"trial {trial.number} fold {k}",
+                                   meta={"trial": trial.number, "params": params}, report_epoch=report_epoch)
+        finally:  # trial checkpoints are never reused (pruned or not): keep history + metrics
+            for name in (checkpoint.BEST, checkpoint.LAST):
+                checkpoint.remove_checkpoint(out_dir / name)
+        value = search.metric_value(fold.inner, cfg.search.metric)
+        engine.log(f"trial {trial.number} fold {k}: inner-val {cfg.search.metric} {value:.3f}")
         return value
 
     def run_search(self, space: dict[str, search.Param]) -> optuna.Study:
@@ -244,7 +253,7 @@ class Distiller:
         engine.log(f"search: study '{scfg.study}' at {search.redact(url)} holds {done} finished trial(s); target "
                    f"{scfg.n_trials} → {todo} to run, each {len(folds)} fold(s) × ≤ {self.search_epochs()} epochs")
         self.clock.plan(epochs=todo * len(folds) * self.search_epochs())
-        objective = search.make_objective(space, folds, self.score_trial_fold,
+        objective = search.make_objective(space, folds, self.score_trial_fold, self.search_epochs(),
                                           report="per_fold" if scfg.pruner == "wilcoxon" else "running_mean")
         bar = tqdm(total=scfg.n_trials, initial=min(done, scfg.n_trials), desc="trials",
                    disable=not engine.show_progress())
@@ -363,6 +372,7 @@ def run_distill(cfg: DistillConfig, skip_search: bool = False, trials_only: bool
         raise UserError(str(e).replace("a new --out", "a new --study NAME")) from None
     device = engine.resolve_device(cfg.train.device)
     d = Distiller(cfg, teacher, out, device)
+    search.check_pruner(cfg.search, len(d.search_folds()) * d.search_epochs())
     out.write_config(cfg)
     out.write_env(cfg.train.seed, str(device), {"teacher_run": str(teacher.run.path),
                                                 "manifest_sha256": d.manifest.sha256()})

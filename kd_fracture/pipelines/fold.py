@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_fracture import io
+from kd_fracture import io, metrics
 from kd_fracture.config import EvalConfig, TrainConfig, replace
 from kd_fracture.data.loaders import FoldRows
 from kd_fracture.models import count_params
@@ -42,6 +42,8 @@ class FoldResult:
     """The scored fold's image predictions (None for the refit model, which has no scored fold)."""
     result: dict | None = None
     """`scoring.evaluate_at` of the scored fold + inner_val_threshold; result["threshold"] is the chosen cut."""
+    inner: dict | None = None
+    """`metrics.evaluate` of the inner-validation split at that cut: what a search may select by (never `result`)."""
 
 
 def fold_seed(seed: int, k: int | None) -> int:
@@ -78,9 +80,11 @@ def train_and_score_fold(k: int | None, rows: FoldRows, build_model: Callable[[]
     inner, out.pred, out.result = scoring.score_fold(model, loader(rows.inner_val, False), rows.inner_val,
                                                      loader(rows.scored, False), rows.scored, device, eval_cfg,
                                                      train.amp)
+    out.inner = metrics.evaluate(inner, out.result["threshold"])
     io.write_csv(out_dir / "inner_val_predictions.csv", inner)
     io.write_csv(out_dir / "oof_predictions.csv", out.pred)
-    io.write_json(out_dir / "metrics.json", {"fold": k, **info, "threshold": out.result["threshold"], **out.result})
+    io.write_json(out_dir / "metrics.json", {"fold": k, **info, "threshold": out.result["threshold"], **out.result,
+                                             "inner_val": {"study": out.inner["study"], "image": out.inner["image"]}})
     engine.log(f"{name}: scored fold κ {out.result['study']['kappa']:.3f} at threshold "
                f"{out.result['threshold']:.3f} ({eval_cfg.threshold_rule}; κ "
                f"{out.result[scoring.AT_REFERENCE]['study']['kappa']:.3f} at 0.5)  AUROC "

@@ -55,12 +55,16 @@ def aggregate(cfg: CVConfig, manifest: Manifest, run: RunDir, device: torch.devi
 
 
 def score(cfg: CVConfig, pred: pd.DataFrame, threshold: float | None = None) -> tuple[dict, dict]:
-    """(`scoring.evaluate_at` result, 95% bootstrap CIs over studies) of image predictions at `threshold`
-    (default eval.threshold); the figures at 0.5 get their own CIs under result["at_0.5"]["ci95"]."""
+    """(`scoring.evaluate_at` result, 95% bootstrap CIs over patients) of image predictions at `threshold`
+    (default eval.threshold); the figures at 0.5 get their own CIs under result["at_0.5"]["ci95"], and each body
+    part its κ and AUROC CIs under result["per_body_part"][part]["ci95"]."""
     threshold = cfg.eval.threshold if threshold is None else threshold
     result = scoring.evaluate_at(pred, threshold, cfg.eval.threshold_rule)
     reference = result[scoring.AT_REFERENCE]
     reference["ci95"] = metrics.bootstrap_ci(pred, cfg.eval.bootstrap, cfg.train.seed, metrics.REFERENCE_THRESHOLD)
+    for part, values in result["per_body_part"].items():
+        ci = metrics.bootstrap_ci(pred[pred["body_part"] == part], cfg.eval.bootstrap, cfg.train.seed, threshold)
+        values["ci95"] = {m: ci[m] for m in ("kappa", "auroc")}
     return result, metrics.bootstrap_ci(pred, cfg.eval.bootstrap, cfg.train.seed, threshold)
 
 

@@ -119,8 +119,13 @@ def threshold_note(rule: str, fold_thresholds: Iterable[float], threshold: float
 
 def per_body_part_table(results: Mapping[str, dict]) -> pd.DataFrame:
     """results: evaluation name (e.g. holdout, cv_pooled) → evaluate() result; one row per (evaluation, body part)."""
-    rows = [{"evaluation": name, "body_part": part, **vals}
-            for name, res in results.items() for part, vals in res["per_body_part"].items()]
+    rows = []
+    for name, res in results.items():
+        for part, vals in res["per_body_part"].items():
+            ci = vals.get("ci95", {})  # the holdout's parts carry patient-bootstrap CIs (report.aggregate.score)
+            bounds = {f"{m}_{end}": ci[m][end] for m in ci for end in ("low", "high")}
+            rows.append({"evaluation": name, "body_part": part, **{k: v for k, v in vals.items() if k != "ci95"},
+                         **bounds})
     return pd.DataFrame(rows)
 
 
