@@ -45,7 +45,9 @@ def cv_args(phantom: Path, manifests: Path, model: str = "hybrid_t", epochs: int
     """A 2-fold teacher run on the tiny phantom (hybrid_t: 16k parameters, so the tests measure processes, not math)."""
     return ["--data", str(phantom), "--folds", "2", "--img-size", "32", "--model", model, "--epochs", str(epochs),
             "--batch-size", str(batch_size), "--threads", "1", "--patience", "5",
-            "--set", f"data.manifests_dir={manifests}", "--set", "data.inner_val_frac=0.2", "--set", "train.warmup_epochs=0", "--set", "eval.bootstrap=50"]
+            "--set", f"data.manifests_dir={manifests}", "--set", "data.inner_val_frac=0.2",
+            "--set", "train.warmup_epochs=0", "--set", "eval.bootstrap=50",
+            "--set", "train.state_interval_min=0"]  # state_last.pt every epoch: the kill tests resume from it
 
 
 def python_m(module: str, *args) -> list[str]:
