@@ -247,9 +247,9 @@ class SearchConfig:
     """null → <dataset>-<teacher model>-<student> of the teacher run (pipelines.distill.default_study)."""
     storage: str | None = None
     """null → sqlite:///<teacher_run>/distill/<study>.db; postgresql://…, mysql://…, journal:PATH."""
-    n_trials: int = 8
-    """Target number of finished (complete + pruned) trials in the study; a rerun or another worker adds only the
-    missing ones, so raise it to search further."""
+    n_trials: int = 6
+    """Target number of finished (complete + pruned) trials per variant's study; a rerun or another worker adds only
+    the missing ones, so raise it to search further. Every variant gets the same number (equal budgets)."""
     timeout: float | None = None
     """Seconds for the search (Optuna's timeout)."""
     sampler_seed: int = 0
@@ -298,10 +298,11 @@ class DistillConfig:
     """Final students: fine-tuning from the pretrained start per fold, as the teacher does (low lr, per-step cosine,
     last epoch kept, threshold chosen on the inner split), sized so the default run fits in 20 minutes on 2 CPU cores."""
     search: SearchConfig = field(default_factory=SearchConfig)
-    baselines: tuple = ("no_kd",)
-    """Extra rows of the comparison table: no_kd = same student with alpha=0 (hard-label start, hard labels per
-    fold); timm:NAME = a timm model with KD (with its own phantom KD start when the student is pretrained, ≈ 5 more
-    CPU minutes for timm:mobilevit_xxs, so it is not in the 20-minute default)."""
+    variants: tuple = ("kd", "no_kd")
+    """Rows of the comparison, each with its own search of the same budget (study `<study>/<variant>`): kd = the
+    student with KD; no_kd = the same student with α = 0 (hard-label start, hard labels per fold; kd.* not
+    searched); timm:NAME = a timm model with KD (its own phantom KD start when the student is pretrained; not in the
+    20-minute default)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     latency_threads: int = 1
     """torch CPU threads while timing batch-1 latency (fixed, so rows are comparable across machines' loads)."""

@@ -91,7 +91,9 @@ def test_sweep_runs_every_entry_on_the_same_folds_and_compares(sweep):
     folds = pd.read_csv(sweep / "frozen" / "folds.csv")
     n_test = folds["fold"].value_counts().mean()
     d = np.subtract(fold_kappa["finetuned"], fold_kappa["frozen"])
-    expected = compare_report.corrected_resampled_ttest(d, len(folds) - n_test, n_test)
+    inner = yaml.safe_load((sweep / "frozen" / "config.yaml").read_text())["data"]["inner_val_frac"]
+    n_train = (len(folds) - n_test) * (1 - inner)  # what a fold model trained on: no scored fold, no inner split
+    expected = compare_report.corrected_resampled_ttest(d, n_train, n_test)
     assert (tests.loc[0, "t"], tests.loc[0, "p_value"]) == pytest.approx(expected, nan_ok=True)
 
 

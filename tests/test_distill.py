@@ -8,12 +8,13 @@ import json
 import shutil
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import torch
 import yaml
 
-from kd_fracture import cv, distill, metrics
+from kd_fracture import compare, cv, distill, metrics
 from kd_fracture.train import checkpoint, engine, teacher_cache
 from kd_fracture.config import CVConfig, load_config
 from kd_fracture.data.dataset import CLEAN_VIEW
@@ -202,11 +203,15 @@ def distill_args(teacher_run, tmp_path, *extra):
             "--set", "eval.bootstrap=50", "--set", "latency_threads=1", "--threads", "1", *extra]
 
 
-DOCUMENTED = ["config.yaml", "env.json", "trials.csv", "best_params.yaml", "student.onnx", "export.json", "summary.md",
+VARIANTS = ("hybrid_t_kd", "hybrid_t_no_kd", "mobilevit_xxs_kd")
+DOCUMENTED = ["config.yaml", "env.json", "student.onnx", "student_ensemble.onnx", "export.json", "summary.md",
               *[f"cache/fold_{k}/teacher_logits.safetensors{ext}" for k in (0, 1) for ext in ("", ".json")],
-              *[f"trials/{n}/fold_{k}/{f}" for n in (0, 1) for k in (0, 1) for f in ("history.csv", "metrics.json")],
-              *[f"tables/teacher_vs_student.{ext}" for ext in ("csv", "md", "tex")],
-              *[f"plots/optuna_{p}.png" for p in ("history", "importances", "parallel")]]
+              *[f"search/{v}/{f}" for v in VARIANTS for f in ("trials.csv", "best_params.yaml")],
+              *[f"search/{v}/plots/optuna_{p}.png" for v in VARIANTS for p in ("history", "parallel")],
+              *[f"trials/{v}/{n}/fold_{k}/{f}" for v in VARIANTS for n in (0, 1) for k in (0, 1)
+                for f in ("history.csv", "metrics.json")],
+              *[f"tables/{name}.{ext}" for name in ("teacher_vs_student", "paired_vs_no_kd")
+                for ext in ("csv", "md", "tex")]]
 VARIANT_FILES = ["config.yaml", "holdout/predictions.csv", "holdout/metrics.json", "tables/cv_folds.csv",
                  "summary.md", "plots/pr.png", "plots/calibration.png", *[f"fold_{k}/{f}" for k in (0, 1) for f in (
                      "checkpoint_best.safetensors", "history.csv", "inner_val_predictions.csv",
@@ -218,34 +223,58 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
     run = tmp_path / "teacher"
     shutil.copytree(teacher_run.run.path, run)
     teacher = load_teacher_run(run)
-    args = distill_args(teacher, tmp_path, "--set", "baselines=[no_kd, 'timm:mobilevit_xxs']")
+    args = distill_args(teacher, tmp_path, "--set", "variants=[kd, no_kd, 'timm:mobilevit_xxs']")
     assert distill.main(args) == 0
     out = run / "distill" / "tiny"
     missing = [f for f in DOCUMENTED if not (out / f).exists()]
-    missing += [f"final/{v}/{f}" for v in ("hybrid_t_kd", "hybrid_t_no_kd", "mobilevit_xxs_kd") for f in VARIANT_FILES
-                if not (out / "final" / v / f).exists()]
+    missing += [f"final/{v}/{f}" for v in VARIANTS for f in VARIANT_FILES if not (out / "final" / v / f).exists()]
     assert not missing, missing
     assert not list((out / "trials").rglob("*.safetensors"))  # trial checkpoints are deleted once scored
 
-    trials = pd.read_csv(out / "trials.csv")
-    best = yaml.safe_load((out / "best_params.yaml").read_text())
-    assert len(trials) == 2 and set(trials["state"]) == {"COMPLETE"}
-    assert best["value"] == pytest.approx(trials["value"].max())
-    assert set(best["params"]) == set(load_config(DistillConfig).search.space)
-    kd_cfg = yaml.safe_load((out / "final" / "hybrid_t_kd" / "config.yaml").read_text())
-    assert kd_cfg["train"]["lr"] == pytest.approx(best["params"]["train.lr"])
-    assert kd_cfg["train"]["weight_decay"] == pytest.approx(best["params"]["train.weight_decay"])
-    assert kd_cfg["model"]["in_chans"] == 1
+    # equal budgets: every variant has its own study of the same size, over the keys that act on it
+    space = set(load_config(DistillConfig).search.space)
+    for v in VARIANTS:
+        trials = pd.read_csv(out / "search" / v / "trials.csv")
+        best = yaml.safe_load((out / "search" / v / "best_params.yaml").read_text())
+        assert len(trials) == 2 and set(trials["state"]) == {"COMPLETE"} and set(trials["metric"]) == {"study_auroc"}
+        assert best["value"] == pytest.approx(trials["value"].max())
+        assert set(best["params"]) == (space - {"kd.temperature", "kd.alpha"} if v.endswith("no_kd") else space)
+        cfg = yaml.safe_load((out / "final" / v / "config.yaml").read_text())
+        assert cfg["train"]["lr"] == pytest.approx(best["params"]["train.lr"])  # each row trains with its own best
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert sorted(optuna.get_all_study_names(storage)) == sorted(f"tiny/{v}" for v in VARIANTS)
+    assert yaml.safe_load((out / "final" / "hybrid_t_kd" / "config.yaml").read_text())["model"]["in_chans"] == 1
 
+    # costs per deployable thing, and KD vs no-KD paired on the folds
     table = pd.read_csv(out / "tables" / "teacher_vs_student.csv")
-    assert table["model"].tolist() == ["teacher (resnet10t)", "hybrid_t_kd", "hybrid_t_no_kd", "mobilevit_xxs_kd"]
+    models = ["teacher (resnet10t)", *VARIANTS]
+    assert table["model"].tolist() == [m for m in models for _ in (0, 1)]
+    assert table["deployable"].tolist() == ["single", "ensemble"] * 4
     assert (table["params_M"] > 0).all() and (table["gflops"] > 0).all() and (table["latency_ms"] > 0).all()
-    assert table.loc[1, "params_M"] < table.loc[0, "params_M"]
+    single, ensemble = table[table["deployable"] == "single"], table[table["deployable"] == "ensemble"]
+    assert ensemble["params_M"].to_numpy() == pytest.approx(2 * single["params_M"].to_numpy())
     teacher_holdout = json.loads((run / "holdout" / "metrics.json").read_text())["fold_ensemble"]["ci95"]["kappa"]
-    assert table.loc[0, "holdout_kappa"] == pytest.approx(teacher_holdout["value"])
-    assert "± " in (out / "tables" / "teacher_vs_student.md").read_text()
+    assert ensemble.iloc[0]["kappa"] == pytest.approx(teacher_holdout["value"])
+    fold_kappa = {v: [json.loads((out / "final" / v / f"fold_{k}" / "metrics.json").read_text())["study"]["kappa"]
+                      for k in (0, 1)] for v in VARIANTS}
+    kd_row = single[single["model"] == "hybrid_t_kd"].iloc[0]
+    assert kd_row["kappa"] == pytest.approx(sum(fold_kappa["hybrid_t_kd"]) / 2)
+    assert kd_row["dkappa"] == pytest.approx((sum(fold_kappa["hybrid_t_kd"]) - sum(fold_kappa["hybrid_t_no_kd"])) / 2)
+    assert 0 <= kd_row["p_kappa"] <= 1 and 0 <= kd_row["p_auroc"] <= 1
+    assert pd.isna(single[single["model"] == "hybrid_t_no_kd"].iloc[0]["dkappa"])  # no row against itself
+    paired = pd.read_csv(out / "tables" / "paired_vs_no_kd.csv")
+    assert len(paired) == 3 * 2 * 2  # (teacher, kd, timm) × (κ, AUROC) × folds
+    assert "Δκ vs no-KD" in (out / "tables" / "teacher_vs_student.md").read_text()
     export = json.loads((out / "export.json").read_text())
-    assert export["checked"] and export["ok"] and export["max_abs_diff"] < 1e-4
+    assert set(export) == {"student.onnx", "student_ensemble.onnx"}
+    assert all(e["checked"] and e["ok"] and e["max_abs_diff"] < 1e-4 for e in export.values())
+    assert "inner-validation splits only" in (out / "summary.md").read_text()
+
+    # compare reads distilled variants like teacher runs
+    assert compare.main([str(out / "final" / "hybrid_t_kd"), str(out / "final" / "hybrid_t_no_kd"), str(run),
+                         "--out", str(tmp_path / "cmp")]) == 0
+    tests = pd.read_csv(tmp_path / "cmp" / "paired_tests.csv")
+    assert len(tests) == 3 and tests["p_value"].between(0, 1).all()
 
     # no leakage: fold k's student learnt from fold k's teacher, on fold k's training rows only
     manifest, _ = fold0
@@ -274,12 +303,12 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
     assert student_holdout["threshold"] == pytest.approx(sum(thresholds) / len(thresholds))
     assert teacher.checkpoint_sha256(0) != teacher.checkpoint_sha256(1)
 
-    # rerun of the same command: the study is complete and every fold DONE → nothing is trained again
+    # rerun of the same command: every study is complete and every fold DONE → nothing is trained again
     monkeypatch.setattr(engine, "fit", lambda *a, **k: pytest.fail("a finished fold or trial was retrained"))
     capsys.readouterr()
     assert distill.main(args) == 0
-    assert "holds 2 finished trial(s); target 2 → 0 to run" in capsys.readouterr().err
-    assert len(pd.read_csv(out / "trials.csv")) == 2
+    assert capsys.readouterr().err.count("holds 2 finished trial(s); target 2 → 0 to run") == 3
+    assert len(pd.read_csv(out / "search" / "hybrid_t_kd" / "trials.csv")) == 2
 
 
 def test_missing_teacher_run_says_which_command_to_run(tmp_path, monkeypatch, capsys):
@@ -326,7 +355,8 @@ def test_the_search_never_reads_a_scored_fold(teacher_run, tmp_path, monkeypatch
         url = f"sqlite:///{storage}"
         return [t.value for t in optuna.load_study(study_name=study, storage=url).trials]
 
-    args = [a for a in distill_args(teacher_run, tmp_path) if a not in ("--study", "tiny")]
+    args = [*[a for a in distill_args(teacher_run, tmp_path) if a not in ("--study", "tiny")],
+            "--set", "variants=[kd]"]
     assert distill.main([*args, "--trials-only", "--study", "plain"]) == 0
     real = distill_pipeline.fold_rows
 
@@ -338,8 +368,10 @@ def test_the_search_never_reads_a_scored_fold(teacher_run, tmp_path, monkeypatch
 
     monkeypatch.setattr(distill_pipeline, "fold_rows", shuffled_scored_labels)
     assert distill.main([*args, "--trials-only", "--study", "shuffled"]) == 0
-    plain, shuffled = trial_values("plain", tmp_path / "study.db"), trial_values("shuffled", tmp_path / "study.db")
+    plain = trial_values("plain/hybrid_t_kd", tmp_path / "study.db")
+    shuffled = trial_values("shuffled/hybrid_t_kd", tmp_path / "study.db")
     assert len(plain) == 2 and plain == shuffled
-    scored = [read_json(teacher_run.run.path / "distill" / s / "trials" / "0" / "fold_0" / "metrics.json")["study"]
+    scored = [read_json(teacher_run.run.path / "distill" / s / "trials" / "hybrid_t_kd" / "0" / "fold_0" /
+                        "metrics.json")["study"]
               for s in ("plain", "shuffled")]
     assert scored[0] != scored[1]  # the control: the scored fold's own metrics did see the shuffled labels

@@ -46,7 +46,7 @@ def test_cv_and_distill_finish_without_extras(base_install, tiny_cv_overrides, t
     args = ["--run", str(run), "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--study", "tiny",
             "--n-trials", "1", "--student", "hybrid_t", "--epochs", "1", "--search-epochs", "1", "--views", "1",
             "--set", "train.batch_size=16", "--set", "eval.bootstrap=50", "--set", "latency_threads=1",
-            "--set", "baselines=[]", "--threads", "1"]
+            "--set", "variants=[kd]", "--threads", "1"]
     assert distill.main(args) == 0
     out = run / "distill" / "tiny"
     err = capsys.readouterr().err

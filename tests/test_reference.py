@@ -1,12 +1,14 @@
 """Behaviour unchanged across refactors: a tiny cv + distill run reproduces stored reference numbers.
 
 tests/data/reference_tiny_run.json was written by the code before the redesign of issue #16 (commit 10f608e) with
-the same run. On the machine type that wrote it (same CPU model) the numbers must agree to float precision; other
+the same run; its distill part was rewritten once on purpose, when issue #13 gave every variant its own search on
+inner-validation splits (`_about.updated`; KD_FRACTURE_UPDATE_REFERENCE="why" rewrites it, cv must not change). On the machine type that wrote it (same CPU model) the numbers must agree to float precision; other
 CPUs may round differently in oneDNN kernels, so there only the ranking quality is compared, loosely.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -64,10 +66,16 @@ def test_tiny_run_reproduces_the_reference_numbers(tmp_path, _one_thread):
     for v in ("hybrid_t_kd", "hybrid_t_no_kd"):
         got[v] = {f"fold_{k}": pick(read_json(study / "final" / v / f"fold_{k}" / "metrics.json")) for k in (0, 1)}
         got[v]["holdout"] = pick(read_json(study / "final" / v / "holdout" / "metrics.json")["fold_ensemble"])
-    got["best_params"] = yaml.safe_load((study / "best_params.yaml").read_text())["params"]
+    got["best_params"] = yaml.safe_load((study / "search" / "hybrid_t_kd" / "best_params.yaml").read_text())["params"]
 
     reference = json.loads(REFERENCE.read_text())
     about = reference.pop("_about")
+    if os.environ.get("KD_FRACTURE_UPDATE_REFERENCE"):  # an intended change of results: say why in the commit
+        assert got["cv"] == reference["cv"] and got["cv_holdout"] == reference["cv_holdout"], "cv changed too"
+        REFERENCE.write_text(json.dumps({"_about": {**about, "cpu": cpu_model(), "torch": torch.__version__,
+                                                    "updated": os.environ["KD_FRACTURE_UPDATE_REFERENCE"]},
+                                         **got}, indent=1) + "\n")
+        pytest.skip("reference numbers rewritten")
     want, have = flatten(reference), flatten(got)
     assert set(want) == set(have)
     if about["cpu"] == cpu_model():

@@ -285,13 +285,17 @@ def distill_worker(teacher: Path, storage: str, study: str, n_trials: int, *extr
     return python_m("kd_fracture.distill", "--run", teacher, "--storage", storage, "--study", study,
                     "--n-trials", n_trials, "--trials-only", "--student", "hybrid_t", "--search-epochs", "1",
                     "--search-folds", "1", "--views", "1", "--pruner", "none", "--threads", "1",
-                    "--set", "train.batch_size=16", "--set", "train.warmup_epochs=0", *extra)
+                    "--set", "train.batch_size=16", "--set", "train.warmup_epochs=0", "--set", "variants=[kd]", *extra)
+
+
+VARIANT = "hybrid_t_kd"
+"""The one variant the workers search: its study is `<study>/hybrid_t_kd`."""
 
 
 def completed_by(log: Path) -> set[int]:
-    """Trial numbers a worker reports as complete (`trial N: complete  value …` in its log)."""
-    return {int(line.split()[1].rstrip(":")) for line in log.read_text().splitlines()
-            if line.startswith("trial ") and ": complete" in line}
+    """Trial numbers a worker reports as complete (`hybrid_t_kd trial N: complete  value …` in its log)."""
+    return {int(line.split()[2].rstrip(":")) for line in log.read_text().splitlines()
+            if line.startswith(f"{VARIANT} trial ") and ": complete" in line}
 
 
 def load_study(storage: str, study: str):
@@ -313,15 +317,18 @@ def test_two_distill_workers_share_a_journal_study(teacher_run, work, start):
     storage = f"journal:{work / 'shared.journal'}"
     n = 6
     logs = [work / f"journal_worker{i}.log" for i in (0, 1)]
-    procs = [start(distill_worker(teacher_run, storage, "journal_shared", n), log) for log in logs]
+    procs = [start(distill_worker(teacher_run, storage, "journal_shared", n, "--worker", i), log)
+             for i, log in enumerate(logs)]
     for proc, log in zip(procs, logs):
         assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
-    study = load_study(storage, "journal_shared")
+    study = load_study(storage, f"journal_shared/{VARIANT}")
     complete = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))]
     assert n <= len(complete) <= n + 1  # each worker stops once the study holds n; the other may be mid-trial
     mine = [completed_by(log) for log in logs]
     assert mine[0] and mine[1], "one worker did all the trials"
     assert not mine[0] & mine[1] and mine[0] | mine[1] == set(complete)
+    seeds = {t.user_attrs["worker"]: t.user_attrs["sampler_seed"] for t in study.get_trials()}
+    assert seeds == {0: 0, 1: 1}  # each worker seeded its own sampler
 
 
 @pytest.fixture
@@ -370,8 +377,8 @@ def test_postgres_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried(tea
     heartbeat = ("--set", "search.heartbeat_interval=1", "--set", "search.grace_period=2")
     a_log = work / "pg_a.log"
     a = start(distill_worker(teacher_run, postgres, "pg_shared", n, *heartbeat), a_log)
-    wait_until(lambda: "search: study 'pg_shared'" in a_log.read_text(), a, 300, "worker A's study", poll=0.2)
-    study = load_study(postgres, "pg_shared")
+    wait_until(lambda: f"study 'pg_shared/{VARIANT}'" in a_log.read_text(), a, 300, "worker A's study", poll=0.2)
+    study = load_study(postgres, f"pg_shared/{VARIANT}")
     wait_until(lambda: study.get_trials(states=(TrialState.RUNNING,)), a, 300, "worker A's first trial", poll=0.2)
     a.send_signal(signal.SIGKILL)  # mid-trial (a tiny trial may already have finished: take whichever is running)
     assert a.wait() == -signal.SIGKILL
@@ -380,7 +387,7 @@ def test_postgres_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried(tea
     b = start(distill_worker(teacher_run, postgres, "pg_shared", n, *heartbeat), work / "pg_b.log")
     assert b.wait(timeout=900) == 0, (work / "pg_b.log").read_text()[-3000:]
 
-    trials = load_study(postgres, "pg_shared").get_trials()
+    trials = load_study(postgres, f"pg_shared/{VARIANT}").get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert [t.number for t in failed] == orphaned, [(t.number, t.state) for t in trials]
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", optuna.storages.RetryFailedTrialCallback)

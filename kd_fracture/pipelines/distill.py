@@ -22,9 +22,11 @@ final/<variant>/…, tables/, plots/, student.onnx, export.json, summary.md}.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +94,13 @@ def check_config(cfg: DistillConfig) -> dict[str, search.Param]:
     scoring.check_threshold_rule(cfg.eval)
     if cfg.search.n_trials < 1:
         raise ConfigError(f"search.n_trials={cfg.search.n_trials}: need at least 1 (or use --skip-search)")
-    for name in cfg.baselines:
-        if name != "no_kd" and not name.startswith(TIMM_PREFIX):
-            raise ConfigError(f"baselines: '{name}' is neither no_kd nor timm:NAME")
+    if not cfg.variants:
+        raise ConfigError("variants: name at least one of kd, no_kd, timm:NAME")
+    for name in cfg.variants:
+        if name not in VARIANTS and not name.startswith(TIMM_PREFIX):
+            raise ConfigError(f"variants: '{name}' is none of {', '.join(VARIANTS)}, timm:NAME")
+    if len(set(cfg.variants)) != len(cfg.variants):
+        raise ConfigError(f"variants: {list(cfg.variants)} names one twice")
     search.make_pruner(cfg.search)
     search.check_metric(cfg.search.metric)
     return search.parse_space(cfg.search.space, cfg)
@@ -106,11 +112,37 @@ def check_config(cfg: DistillConfig) -> dict[str, search.Param]:
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the comparison: a name (its folder), what it is, and its config."""
+    """One row of the comparison, with its own search: a name (its folder and its study `<study>/<name>`), what it
+    is, its config before the search, and the part of the search space that applies to it."""
 
     name: str
     role: str
     cfg: DistillConfig
+    space: dict
+
+
+VARIANTS = ("kd", "no_kd")
+"""Variant kinds besides timm:NAME: the student with KD, and the same student without (α = 0, T unused)."""
+
+
+def variant_list(cfg: DistillConfig) -> list[Variant]:
+    """cfg.variants as Variants, each searched over the keys that act on it (docs/design.md §8): kd = the whole
+    space; no_kd = without kd.* (α is fixed at 0, so T never enters the loss); timm:NAME = without the hybrid's
+    student.overrides.* (another architecture)."""
+    space = search.parse_space(cfg.search.space, cfg)
+    out = []
+    for name in cfg.variants:
+        if name == "kd":
+            out.append(Variant(variant_name(cfg.student.name, "kd"), "student, KD", cfg, space))
+        elif name == "no_kd":
+            out.append(Variant(variant_name(cfg.student.name, "no_kd"), "student, no KD (α = 0)",
+                               replace(cfg, **{"kd.alpha": 0.0}),
+                               {k: v for k, v in space.items() if not k.startswith("kd.")}))
+        else:
+            timm_cfg = replace(cfg, **{"student.name": name, "student.overrides": {}})
+            out.append(Variant(variant_name(name, "kd"), "timm baseline, KD", timm_cfg,
+                               {k: v for k, v in space.items() if not k.startswith("student.overrides.")}))
+    return out
 
 
 class Distiller:
@@ -213,75 +245,92 @@ class Distiller:
     def search_epochs(self) -> int:
         return self.cfg.search.epochs or self.cfg.train.epochs
 
-    def fingerprint(self, space: dict) -> dict:
+    def fingerprint(self, cfg: DistillConfig, space: dict) -> dict:
         """What a trial's value depends on; a shared study refuses workers whose fingerprint differs."""
-        cfg = self.cfg
         train = {k: v for k, v in recipe_dict(cfg.train).items() if k not in ("device", "threads", "eval_batch_size")}
         return {"teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)],
                 "manifest_sha256": self.manifest.sha256(), "img_size": self.data.img_size,
                 "student": to_dict(cfg.student), "student_pretrain": recipe_dict(cfg.pretrain), "train": train,
                 "kd": {"temperature": cfg.kd.temperature, "alpha": cfg.kd.alpha, "views": cfg.kd.views},
                 "metric": cfg.search.metric, "folds": self.search_folds(), "epochs": self.search_epochs(),
-                # the objective's κ/F1/… are read at the cut this rule chooses on each fold's inner-val split
+                # a κ objective is read at the cut this rule chooses on each fold's inner-val split
                 "threshold": {"rule": cfg.eval.threshold_rule, "fixed": cfg.eval.threshold},
-                "space": space}
+                "space": {k: cfg.search.space[k] for k in space}}
 
-    def score_trial_fold(self, trial: optuna.Trial, params: dict, k: int, report_epoch: search.EpochReport) -> float:
-        """Train fold k's student with the trial's parameters; its value is the search metric on fold k's
-        inner-validation split (the scored fold is scored and saved, but no selection reads it)."""
-        cfg = search.apply_params(self.cfg, params)
-        out_dir = self.out.path / "trials" / str(trial.number) / f"fold_{k}"
+    def score_trial_fold(self, v: Variant, trial: optuna.Trial, params: dict, k: int,
+                         report_epoch: search.EpochReport) -> float:
+        """Train fold k's student of variant v with the trial's parameters; its value is the search metric on fold
+        k's inner-validation split (the scored fold is scored and saved, but no selection reads it)."""
+        cfg = search.apply_params(v.cfg, params)
+        out_dir = self.out.path / "trials" / v.name / str(trial.number) / f"fold_{k}"
         if out_dir.exists():
             shutil.rmtree(out_dir)  # leftovers of a dead process that had this trial number: start clean
         try:
-            fold = self.train_fold(cfg, k, out_dir, self.search_epochs(), f"trial {trial.number} fold {k}",
+            fold = self.train_fold(cfg, k, out_dir, self.search_epochs(), f"{v.name} trial {trial.number} fold {k}",
                                    meta={"trial": trial.number, "params": params}, report_epoch=report_epoch)
         finally:  # trial checkpoints are never reused (pruned or not): keep history + metrics
             for name in (checkpoint.BEST, checkpoint.LAST):
                 checkpoint.remove_checkpoint(out_dir / name)
         value = search.metric_value(fold.inner, cfg.search.metric)
-        engine.log(f"trial {trial.number} fold {k}: inner-val {cfg.search.metric} {value:.3f}")
+        engine.log(f"{v.name} trial {trial.number} fold {k}: inner-val {cfg.search.metric} {value:.3f}")
         return value
 
-    def run_search(self, space: dict[str, search.Param]) -> optuna.Study:
-        scfg = self.cfg.search
+    def study_name(self, v: Variant) -> str:
+        return f"{self.cfg.search.study}/{v.name}"
+
+    def search_dir(self, v: Variant) -> Path:
+        """<study dir>/search/<variant>/: trials.csv, best_params.yaml, plots/."""
+        return self.out.path / "search" / v.name
+
+    def run_search(self, v: Variant) -> optuna.Study:
+        """Variant v's own study `<study>/<variant>` in the shared storage: the same n_trials, search folds, epochs
+        and pruner for every variant (equal budgets), over the keys that act on it."""
+        scfg = replace(v.cfg.search, study=self.study_name(v))
         url = search.storage_url(scfg.storage, scfg.study, Path(self.cfg.teacher_run) / "distill")
-        study = search.open_study(scfg, url, fingerprint=self.fingerprint(self.cfg.search.space))
+        study = search.open_study(scfg, url, fingerprint=self.fingerprint(v.cfg, v.space))
         folds = self.search_folds()
         done = search.count_finished(study)
         todo = max(0, scfg.n_trials - done)
-        engine.log(f"search: study '{scfg.study}' at {search.redact(url)} holds {done} finished trial(s); target "
-                   f"{scfg.n_trials} → {todo} to run, each {len(folds)} fold(s) × ≤ {self.search_epochs()} epochs")
-        self.clock.plan(epochs=todo * len(folds) * self.search_epochs())
-        objective = search.make_objective(space, folds, self.score_trial_fold, self.search_epochs(),
+        engine.log(f"search {v.name}: study '{scfg.study}' at {search.redact(url)} holds {done} finished trial(s); "
+                   f"target {scfg.n_trials} → {todo} to run, each {len(folds)} fold(s) × ≤ {self.search_epochs()} "
+                   f"epochs, over {', '.join(v.space)}")
+        objective = search.make_objective(v.space, folds, partial(self.score_trial_fold, v), self.search_epochs(),
                                           report="per_fold" if scfg.pruner == "wilcoxon" else "running_mean")
-        bar = tqdm(total=scfg.n_trials, initial=min(done, scfg.n_trials), desc="trials",
+        bar = tqdm(total=scfg.n_trials, initial=min(done, scfg.n_trials), desc=f"{v.name} trials",
                    disable=not engine.show_progress())
 
         def on_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             bar.update(1)
             value = "—" if trial.value is None else f"{trial.value:.3f}"
-            engine.log(f"trial {trial.number}: {trial.state.name.lower()}  value {value}")
+            engine.log(f"{v.name} trial {trial.number}: {trial.state.name.lower()}  value {value}")
 
         try:
             search.run_search(study, objective, scfg, catch=(engine.TrainingError,), callbacks=[on_trial_end])
         finally:
             bar.close()
-        search.write_outputs(study, self.out.path, scfg.metric, url)
+        search.write_outputs(study, self.search_dir(v), scfg.metric, url)
         return study
 
-    # -- final students ------------------------------------------------------------------------------------------------
+    def best_params(self, v: Variant, skip_search: bool) -> dict:
+        """Variant v's parameters: its study's best trial, or with skip_search its saved best_params.yaml (else
+        the config's values)."""
+        saved = self.search_dir(v) / "best_params.yaml"
+        if not skip_search:
+            best = search.best_params(self.run_search(v))
+            if best is None:
+                raise UserError(f"study '{self.study_name(v)}': no trial completed (see "
+                                f"{self.search_dir(v) / 'trials.csv'}); raise --n-trials or fix the failing trials")
+            engine.log(f"{v.name}: best trial {best['trial']}: inner-val {self.cfg.search.metric} "
+                       f"{best['value']:.3f}  {best['params']}")
+            return best["params"]
+        if saved.exists():
+            params = read_yaml(saved).get("params", {})
+            engine.log(f"--skip-search: {v.name} parameters from {saved}: {params}")
+            return params
+        engine.log(f"--skip-search: no {saved}; {v.name} uses the config's values")
+        return {}
 
-    def variants(self, cfg: DistillConfig) -> list[Variant]:
-        out = [Variant(variant_name(cfg.student.name, "kd"), "student, KD (best trial)", cfg)]
-        for name in cfg.baselines:
-            if name == "no_kd":
-                out.append(Variant(variant_name(cfg.student.name, "no_kd"), "student, no KD (α = 0)",
-                                   replace(cfg, **{"kd.alpha": 0.0})))
-            else:
-                timm_cfg = replace(cfg, **{"student.name": name, "student.overrides": {}})
-                out.append(Variant(variant_name(name, "kd"), "timm baseline, KD", timm_cfg))
-        return out
+    # -- final students ------------------------------------------------------------------------------------------------
 
     def variant_config(self, v: Variant) -> CVConfig:
         """The variant as a teacher-style run config, so cv.aggregate, predict and explain can read its folder."""
@@ -359,11 +408,13 @@ class Clock:
 
 
 def run_distill(cfg: DistillConfig, skip_search: bool = False, trials_only: bool = False) -> RunDir:
+    """Teacher caches → one search per variant (equal budgets) → each variant's final students on every fold with
+    its own best parameters → the comparison report."""
     t0 = time.perf_counter()
     cfg = resolve_names(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    space = check_config(cfg)
+    check_config(cfg)
     teacher = load_teacher_run(cfg.teacher_run)
     out = RunDir(study_dir(cfg))
     try:
@@ -373,40 +424,30 @@ def run_distill(cfg: DistillConfig, skip_search: bool = False, trials_only: bool
     device = engine.resolve_device(cfg.train.device)
     d = Distiller(cfg, teacher, out, device)
     search.check_pruner(cfg.search, len(d.search_folds()) * d.search_epochs())
+    variants = variant_list(cfg)
     out.write_config(cfg)
     out.write_env(cfg.train.seed, str(device), {"teacher_run": str(teacher.run.path),
                                                 "manifest_sha256": d.manifest.sha256()})
     k_folds = teacher.cfg.data.folds
-    engine.log(f"distill: teacher {teacher.cfg.model.name} × {k_folds} folds ({teacher.run.path}), student "
-               f"{cfg.student.name}, {teacher.cfg.data.img_size} px, {cfg.kd.views} cached views "
-               f"({cfg.kd.teacher_cache}); final: {1 + len(cfg.baselines)} variants × {k_folds} folds × "
+    engine.log(f"distill: teacher {teacher.cfg.model.name} × {k_folds} folds ({teacher.run.path}), "
+               f"{teacher.cfg.data.img_size} px, {cfg.kd.views} cached views ({cfg.kd.teacher_cache}); variants "
+               f"{', '.join(v.name for v in variants)}: each {cfg.search.n_trials} trials, then {k_folds} folds × "
                f"≤ {cfg.train.epochs} epochs → {out.path}")
 
     if cfg.kd.teacher_cache == "views":
         cached = [(out.path / "cache" / f"fold_{k}" / LOGITS_FILE).exists() for k in range(k_folds)]
         d.clock.plan(caches=cached.count(False))
-    if not trials_only:
-        d.clock.plan(epochs=sum(not RunDir(out.path / "final" / v.name).is_done(k) for v in d.variants(cfg)
-                                for k in range(k_folds)) * cfg.train.epochs)
-    params: dict = {}
     if not skip_search:
-        study = d.run_search(space)
-        best = search.best_params(study)
-        if best is None:
-            raise UserError(f"study '{cfg.search.study}': no trial completed (see {out.path / 'trials.csv'}); "
-                            "raise --n-trials or fix the failing trials")
-        params = best["params"]
-        engine.log(f"best trial {best['trial']}: {cfg.search.metric} {best['value']:.3f}  {params}")
-    elif (out.path / "best_params.yaml").exists():
-        params = read_yaml(out.path / "best_params.yaml").get("params", {})
-        engine.log(f"--skip-search: parameters from {out.path / 'best_params.yaml'}: {params}")
-    else:
-        engine.log("--skip-search: no best_params.yaml; final students use the config's values")
+        d.clock.plan(epochs=len(variants) * cfg.search.n_trials * len(d.search_folds()) * d.search_epochs())
+    if not trials_only:
+        d.clock.plan(epochs=sum(not RunDir(out.path / "final" / v.name).is_done(k) for v in variants
+                                for k in range(k_folds)) * cfg.train.epochs)
+    params = {v.name: d.best_params(v, skip_search) for v in variants}
     if trials_only:
-        engine.log(f"--trials-only: done in {time.perf_counter() - t0:.0f}s; trials in {out.path / 'trials.csv'}")
+        engine.log(f"--trials-only: done in {time.perf_counter() - t0:.0f}s; trials in {out.path / 'search'}/")
         return out
 
-    best_cfg = search.apply_params(cfg, params)
-    variants = [VariantRun(v.name, v.role, d.variant_config(v), d.train_variant(v)) for v in d.variants(best_cfg)]
-    report(out, teacher, best_cfg, params, variants, d.search_folds(), time.perf_counter() - t0)
+    tuned = [dataclasses.replace(v, cfg=search.apply_params(v.cfg, params[v.name])) for v in variants]
+    runs = [VariantRun(v.name, v.role, d.variant_config(v), d.train_variant(v)) for v in tuned]
+    report(out, teacher, cfg, params, runs, d.search_folds(), time.perf_counter() - t0)
     return out

@@ -83,7 +83,8 @@ class RunResult:
     n_test: float
     """Mean number of scored studies per fold (the t-test's n_test)."""
     n_train: float
-    """Mean number of pool studies outside the scored fold (the t-test's n_train; inner-val included)."""
+    """Mean number of studies a fold model trained on: the pool outside the scored fold minus the inner-validation
+    split (the t-test's n_train; Nadeau & Bengio's correction uses the training set's size)."""
 
 
 def load_result(path: str | Path, name: str | None = None) -> RunResult:
@@ -109,7 +110,7 @@ def load_result(path: str | Path, name: str | None = None) -> RunResult:
         holdout=io.read_json(run.holdout / "metrics.json")["fold_ensemble"],
         params=int(fold_json[0]["params"]), trainable_params=int(fold_json[0]["trainable_params"]),
         folds_key=io.sha256_bytes(assignment.to_csv(index=False, lineterminator="\n").encode()),
-        n_test=float(sizes.mean()), n_train=float((len(assignment) - sizes).mean()),
+        n_test=float(sizes.mean()), n_train=float((len(assignment) - sizes).mean() * (1 - cfg.data.inner_val_frac)),
     )
 
 
