@@ -12,6 +12,9 @@ from common import Context, Figure, Result
 
 
 PROXY_OPTIMUM = {"kd.temperature": 4.0, "kd.alpha": 0.6, "train.lr": 2e-3, "train.weight_decay": 0.02}
+LEARNING_GAP = 0.05
+"""How far below its final value a trial's inner-val metric is after its first epoch (the same for every trial, so
+an early epoch ranks trials as the last one does, up to the fold noise)."""
 PROXY_FOLD_OFFSET = (0.02, -0.03, 0.01, -0.01, 0.0)
 """Per-fold difficulty (some folds are harder for every trial), added to each trial's fold score."""
 
@@ -46,19 +49,23 @@ def proxy_fold_score(params: dict, fold: int, noise: float, seed: int = 0) -> fl
 def run_proxy_search(scfg, n_trials: int, noise: float, epochs: int, folds: int) -> dict:
     """One in-memory Optuna study through the project's sampler, pruner and objective factories
     (`search.make_sampler / make_pruner / make_objective`, report mode as `distill` chooses it) with the proxy as
-    the scored-fold metric; each fold counts `epochs` fold-epochs."""
+    the inner-validation metric, reported after every epoch (step = fold × epochs + epoch) as distill does; a
+    fold-epoch is counted when it runs, so a trial pruned inside a fold saves the rest of it."""
     import optuna
 
     from kd_fracture import search
 
     spent = {"fold_epochs": 0}
 
-    def score_fold(trial, params: dict, k: int) -> float:
-        spent["fold_epochs"] += epochs
-        return proxy_fold_score(params, k, noise)
+    def score_fold(trial, params: dict, k: int, report_epoch) -> float:
+        final = proxy_fold_score(params, k, noise)
+        for epoch in range(epochs):  # a learning curve: every trial is LEARNING_GAP below its final value at epoch 0
+            spent["fold_epochs"] += 1
+            report_epoch(epoch, final - LEARNING_GAP * (epochs - 1 - epoch) / max(epochs - 1, 1))
+        return final
 
     space = search.parse_space(scfg.space)
-    objective = search.make_objective(space, list(range(folds)), score_fold,
+    objective = search.make_objective(space, list(range(folds)), score_fold, epochs,
                                       report="per_fold" if scfg.pruner == "wilcoxon" else "running_mean")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=search.make_sampler(scfg),
@@ -111,7 +118,8 @@ def run(ctx: Context) -> Result:
                      "best_pruned": [r["best_value"] for r in runs["pruned"]],
                      "best_unpruned": [r["best_value"] for r in runs["none"]]}))
     res.notes.append(
-        "proxy objective: scored-fold value = proxy_value(params) + fold offset + N(0, fold_noise_sd²), seeded by "
+        "proxy objective: a fold's final inner-val value = proxy_value(params) + fold offset + N(0, fold_noise_sd²), "
+        "reported after each epoch along a learning curve LEARNING_GAP below it at epoch 0, seeded by "
         "(params, fold); proxy_value is a smooth bowl in (log lr, α, log T, log wd) + small depth/width terms "
         "(see proxy_value in benchmarks/bench_pruning.py); sampler, pruner and objective are the project's "
         "factories. Equal best values are expected: a pruned trial joins TPE's 'bad' group where its finished low "
