@@ -375,3 +375,15 @@ def test_the_search_never_reads_a_scored_fold(teacher_run, tmp_path, monkeypatch
                         "metrics.json")["study"]
               for s in ("plain", "shuffled")]
     assert scored[0] != scored[1]  # the control: the scored fold's own metrics did see the shuffled labels
+
+
+def test_variants_flag_selects_the_rows(tmp_path):
+    parser, flags = distill_cli.build_parser()
+    args = parser.parse_args(["--run", str(tmp_path), "--variants", "kd, timm:mobilevit_xxs"])
+    assert distill_cli.resolve_config(args, flags).variants == ("kd", "timm:mobilevit_xxs")
+    assert DistillConfig().variants == ("kd", "no_kd")
+
+
+def test_unknown_variant_is_a_config_error(tmp_path, capsys):
+    assert distill.main(["--run", str(tmp_path), "--variants", "kd,distilled"]) == 2
+    assert "variants: 'distilled' is none of kd, no_kd, timm:NAME" in capsys.readouterr().err

@@ -44,6 +44,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, ConfigFlags]:
     g.add_argument("--skip-search", action="store_true", help="train final students with best_params.yaml (or "
                    "the config's values when there is none)")
     g.add_argument("--trials-only", action="store_true", help="only run trials (an extra worker on a shared storage)")
+    f.add(g, "--variants", "variants", "comma-separated rows of the comparison, each searched with the same budget: "
+          "kd, no_kd, timm:NAME", type=lambda s: tuple(v.strip() for v in s.split(",") if v.strip()), metavar="LIST")
     g = p.add_argument_group("student and training")
     f.add(g, "--student", "student.name", "hybrid_t | hybrid_s | hybrid_m | timm:NAME")
     f.add(g, "--epochs", "train.epochs", "epochs of the final students", type=int)
