@@ -140,7 +140,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     bootstrap: int = 1000
-    """Holdout bootstrap resamples over studies for 95% CIs."""
+    """Holdout bootstrap resamples over patients (all studies of a drawn patient) for 95% CIs."""
     threshold: float = 0.5
     """Study-level cut (abnormal iff study prob ≥ threshold) for threshold_rule fixed, and the fallback of the other
     rules when the inner-validation split has one class only or fewer than 2 studies."""
@@ -309,7 +309,8 @@ class DistillConfig:
     keep_state: bool = False
     """Keep state_last.pt (optimizer state) of the final students' DONE folds."""
     onnx: bool = True
-    """Export the KD student's fold ensemble to student.onnx (checked against torch when onnxruntime is installed)."""
+    """Export the first variant's fold-0 model to student.onnx and its fold ensemble to student_ensemble.onnx
+    (each checked against torch when onnxruntime is installed)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     if gradcam is None: ...                   # logged: "plots/gradcam_examples.png skipped: ..."
 
 The extras are the `[project.optional-dependencies]` of pyproject.toml: gradcam (grad-cam), onnx (onnx,
-onnxruntime), postgres (psycopg). A base install (`pip install -e .`) runs `cv` and `distill` to the end.
+onnxruntime), postgres (psycopg), dicom (pydicom), app (fastapi, uvicorn, python-multipart). A base install (`pip install -e .`) runs `cv` and `distill` to the end.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import kd_fracture
 PACKAGE = Path(kd_fracture.__file__).parent
 CORE = {"kd_fracture", "kd_fracture.errors", "kd_fracture.io", "kd_fracture.extras", "kd_fracture.distributed",
         "kd_fracture.config", "kd_fracture.metrics"}
-LAYERS = ["core", "data", "models", "train", "runs", "search", "report", "pipelines", "cli", "command"]
+LAYERS = ["core", "data", "models", "train", "runs", "search", "report", "pipelines", "app", "cli", "command"]
 COMMANDS = {"cv", "distill", "dashboard", "predict", "evaluate", "explain", "compare", "pretrain", "phantom", "folds",
             "manifest"}
 
@@ -54,7 +54,7 @@ def layer(mod: str) -> int:
     if mod in CORE:
         return 0
     parts = mod.split(".")
-    if len(parts) == 2 and parts[1] in COMMANDS:
+    if len(parts) == 2 and parts[1] in COMMANDS or parts[-1] == "__main__":  # kd_fracture.app.__main__ → cli.app
         return LAYERS.index("command")
     return LAYERS.index(parts[1])
 

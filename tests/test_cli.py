@@ -44,7 +44,7 @@ def test_help_defaults_come_from_the_dataclasses(capsys):
     assert "--epochs EPOCHS default: 2 [train.epochs]" in text
     assert "--out DIR run directory to write (rerun the same command to resume); default: runs/<dataset>/<model>" in text
     text = help_text("distill", capsys)
-    assert "default: runs/phantom/resnet50 [teacher_run]" in text and "default: 8 [search.n_trials]" in text
+    assert "default: runs/phantom/resnet50 [teacher_run]" in text and "default: 6 [search.n_trials]" in text
 
 
 def test_entry_points_name_every_command_main():

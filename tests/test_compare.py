@@ -1,7 +1,6 @@
 """compare: the corrected resampled t-test, the cross-run table, sweeps (cv --config with `sweep:`) and the presets."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from kd_fracture import compare, cv, distill, metrics
-from kd_fracture.train import checkpoint, engine, teacher_cache
+from kd_fracture import compare, distill, metrics
+from kd_fracture.train import engine, teacher_cache
 from kd_fracture.config import CVConfig, load_config
 from kd_fracture.data.dataset import CLEAN_VIEW
 from kd_fracture.data.folds import read_folds_csv

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from kd_fracture.train import checkpoint, engine
+from kd_fracture.train import checkpoint
 from kd_fracture import evaluate, metrics
 from kd_fracture.config import CVConfig, load_config
 from kd_fracture.models import create_model

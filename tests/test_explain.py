@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from kd_fracture.train import checkpoint, engine
+from kd_fracture.train import checkpoint
 from kd_fracture import explain
 from kd_fracture.config import CVConfig, ModelConfig, load_config, to_dict
 from kd_fracture.models.losses import positive_prob

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from kd_fracture import cv, metrics, predict
-from kd_fracture.train import checkpoint, engine
+from kd_fracture import metrics, predict
+from kd_fracture.train import checkpoint
 from kd_fracture.config import CVConfig, ModelConfig, load_config, replace, to_dict
 from kd_fracture.data.dataset import XrayDataset
 from kd_fracture.models import create_model

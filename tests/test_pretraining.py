@@ -6,7 +6,6 @@ import hashlib
 import pytest
 import torch
 
-from kd_fracture import cv
 from kd_fracture.pipelines import pretraining
 from kd_fracture.config import CVConfig, replace
 from kd_fracture.data.manifest import load_manifest

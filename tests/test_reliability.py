@@ -228,6 +228,7 @@ torch.onnx.export, cv2.imwrite, df.to_parquet, json/yaml/pickle.dump); `df.to_cs
 are checked separately."""
 PRIVATE_TREES = {
     ("data/phantom/tree.py", "_patient_rows"): "PNGs go into a hidden temp tree that is renamed into place whole",
+    ("app/server.py", "stage_upload"): "an upload is staged in the request's TemporaryDirectory, removed after it",
 }
 """(file, function) → why its plain writes cannot leave a half-written result behind."""
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kd_fracture.train import checkpoint, engine
+from kd_fracture.train import checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -1,14 +1,28 @@
-"""Image decoding shared by the dataset, `--verify-images`, predict and explain."""
+"""Image decoding shared by the dataset, `--verify-images`, predict and explain.
+
+PNG/JPEG are decoded by OpenCV. DICOM (`.dcm`, or an extension-less / UID-named file with the Part 10 preamble and
+`DICM` marker) needs the `dicom` extra (pydicom) and is converted as the standard's grayscale pipeline says: stored
+values → Modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence) → VOI LUT (the first VOI LUT Sequence item,
+else the first WindowCenter/WindowWidth) → 8 bits over the VOI output range (without a VOI transform: min–max of the
+modality values) → MONOCHROME1 inverted. Only single-frame images are read.
+"""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from kd_fracture.errors import DataError
+from kd_fracture.extras import optional
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIX = ".dcm"
+IMAGE_SUFFIXES = (*RASTER_SUFFIXES, DICOM_SUFFIX)
+"""Suffixes (lower-case) read as images; an extension-less DICOM file is an image too (see `is_image_file`)."""
+
+_DICM_OFFSET = 128  # DICOM Part 10: 128-byte preamble, then b"DICM"
 
 cv2.setNumThreads(0)  # the DataLoader parallelises; OpenCV's own pool only oversubscribes 2 cores
 try:  # a truncated file is reported by our DataError; OpenCV's own "[ WARN ] …" line is noise
@@ -18,9 +32,11 @@ except AttributeError:
 
 
 def read_grayscale(path: str | Path) -> np.ndarray:
-    """Decode an image file to a (H, W) uint8 array; colour images are converted to luminance.
+    """Decode an image file to a (H, W) uint8 array; colour images are converted to luminance, DICOM is windowed
+    (module docstring).
 
-    Raises DataError naming the path for a missing, empty, truncated or otherwise undecodable file.
+    Raises DataError naming the path for a missing, empty, truncated or otherwise undecodable file, and for a DICOM
+    that cannot be shown as one grayscale image (multi-frame, no pixel data, missing decoder or pydicom).
     """
     path = Path(path)
     try:
@@ -29,6 +45,9 @@ def read_grayscale(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read image ({e.strerror}); check the path or remove the row") from None
     if data.size == 0:
         raise DataError(f"{path}: image file is empty (0 bytes); re-export it or remove its row")
+    suffix = path.suffix.lower()
+    if suffix == DICOM_SUFFIX or (suffix not in RASTER_SUFFIXES and _dicm_marker(data[:_DICM_OFFSET + 4].tobytes())):
+        return _read_dicom(path, data)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or not _complete(path, data):
         raise DataError(f"{path}: image is corrupt or truncated and cannot be decoded; re-export it or remove its row")
@@ -38,6 +57,195 @@ def read_grayscale(path: str | Path) -> np.ndarray:
     if img.dtype != np.uint8:  # 16-bit PNG radiographs: rescale to 8 bits
         img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     return img
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True for a .png/.jpg/.jpeg/.dcm name (any case), or an extension-less file (no suffix, or a numeric one as in
+    UID-named exports `1.2.840.113619.2.1`) that starts with the DICOM preamble and `DICM` marker."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    if suffix and not (suffix[1:].isascii() and suffix[1:].isdigit()):
+        return False
+    return is_dicom_file(path)
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True if the file starts with the 128-byte DICOM preamble followed by `DICM` (unreadable: False)."""
+    try:
+        with open(path, "rb") as f:
+            return _dicm_marker(f.read(_DICM_OFFSET + 4))
+    except OSError:
+        return False
+
+
+def strip_image_suffix(path: str) -> str:
+    """`path` without its image suffix (`a/b.png` → `a/b`); an extension-less DICOM name is kept whole."""
+    stem, suffix = path.rsplit(".", 1) if "." in path.rsplit("/", 1)[-1] else (path, "")
+    return stem if f".{suffix.lower()}" in IMAGE_SUFFIXES else path
+
+
+def _dicm_marker(head: bytes) -> bool:
+    return len(head) >= _DICM_OFFSET + 4 and head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
+
+
+# ---------------------------------------------------------------------------------------------------- DICOM
+
+# Transfer syntax UID → what to install when no decoder for it is present (python-gdcm decodes all of them).
+_LIBJPEG = "pip install pylibjpeg pylibjpeg-libjpeg"
+_OPENJPEG = "pip install pylibjpeg pylibjpeg-openjpeg"
+_DECODER_HINTS = {
+    "1.2.840.10008.1.2.4.50": _LIBJPEG, "1.2.840.10008.1.2.4.51": _LIBJPEG,  # JPEG baseline / extended
+    "1.2.840.10008.1.2.4.57": _LIBJPEG, "1.2.840.10008.1.2.4.70": _LIBJPEG,  # JPEG lossless
+    "1.2.840.10008.1.2.4.80": _LIBJPEG, "1.2.840.10008.1.2.4.81": _LIBJPEG,  # JPEG-LS
+    "1.2.840.10008.1.2.4.90": _OPENJPEG, "1.2.840.10008.1.2.4.91": _OPENJPEG,  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": _OPENJPEG, "1.2.840.10008.1.2.4.202": _OPENJPEG,  # HTJ2K
+    "1.2.840.10008.1.2.4.203": _OPENJPEG,
+    "1.2.840.10008.1.2.5": "pip install pylibjpeg pylibjpeg-rle",  # RLE lossless
+}
+
+
+def _read_dicom(path: Path, data: np.ndarray) -> np.ndarray:
+    pydicom = optional("pydicom", "dicom", "reading DICOM", log=False)
+    if pydicom is None:
+        raise DataError(f"{path}: is a DICOM file and pydicom is not installed; "
+                        f"pip install 'kd_fracture[dicom]' to read it")
+    marker = _dicm_marker(data[:_DICM_OFFSET + 4].tobytes())
+    try:  # a .dcm without the preamble (old ACR-NEMA style) is read by force
+        ds = pydicom.dcmread(io.BytesIO(data.tobytes()), force=not marker)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for a damaged file
+        raise DataError(f"{path}: DICOM is corrupt or truncated and cannot be read ({_first_line(e)}); "
+                        f"re-export it or remove its row") from None
+    if "PixelData" not in ds:
+        what = "DICOM holds no pixel data" if marker else "not a DICOM image (no DICM marker, no pixel data)"
+        raise DataError(f"{path}: {what} (a report or other non-image object); remove its row")
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if frames > 1:
+        raise DataError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; export the view as a "
+                        f"single-frame DICOM, PNG or JPEG")
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    monochrome = photometric in ("MONOCHROME1", "MONOCHROME2")
+    colour = ("RGB", "YBR_FULL", "YBR_FULL_422") if _pydicom_major(pydicom) >= 3 else ("RGB",)
+    if not monochrome and photometric not in colour:
+        raise DataError(f"{path}: DICOM photometric interpretation '{photometric or 'missing'}' is not supported "
+                        f"(readable: MONOCHROME1, MONOCHROME2, {', '.join(colour)}); re-export as MONOCHROME2")
+
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and _is_compressed(ts) and not _decoder_available(pydicom, ts):
+        name = getattr(ts, "name", str(ts))
+        hint = _DECODER_HINTS.get(str(ts))
+        install = f"{hint} (or pip install python-gdcm)" if hint else "pip install python-gdcm"
+        raise DataError(f"{path}: DICOM pixel data is compressed ({name}) and no installed decoder reads it; "
+                        f"{install}")
+    try:
+        arr = ds.pixel_array  # pydicom >= 3 converts YBR colour to RGB here
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: DICOM pixel data cannot be decoded ({_first_line(e)}); "
+                        f"re-export it or remove its row") from None
+    if arr.ndim != (2 if monochrome else 3) or min(arr.shape[:2]) == 0:
+        raise DataError(f"{path}: DICOM pixel array has shape {arr.shape}, not one {photometric} image; "
+                        f"re-export it as a single-frame image")
+    if not monochrome:  # colour secondary capture: luminance, as for a colour PNG
+        if arr.dtype != np.uint8:
+            arr = _to_uint8(arr.astype(np.float64), float(arr.min()), float(arr.max()))
+        return cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_RGB2GRAY)
+
+    apply_modality_lut, apply_voi_lut = _lut_functions()
+    try:
+        values = apply_modality_lut(arr, ds)
+        kind = _voi_kind(ds)
+        if kind is None:  # no VOI transform: the modality values' own range
+            lo, hi = float(np.min(values)), float(np.max(values))
+            windowed = values
+        else:
+            if kind == "lut" and values.dtype.kind == "f" and np.array_equal(values, np.round(values)):
+                values = values.astype(np.int64)  # a VOI LUT indexes by integer value
+            windowed = apply_voi_lut(values, ds, index=0)
+            lo, hi = _voi_output_range(apply_voi_lut, ds, kind)
+    except Exception as e:  # noqa: BLE001 - malformed LUT descriptors, window width < 1, …
+        raise DataError(f"{path}: DICOM Modality/VOI LUT cannot be applied ({_first_line(e)}); "
+                        f"fix the header or re-export the image") from None
+    img = _to_uint8(np.asarray(windowed, dtype=np.float64), lo, hi)
+    if photometric == "MONOCHROME1":  # minimum value is white: invert after windowing, as a display does
+        img = 255 - img
+    return img
+
+
+def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """[lo, hi] → [0, 255] (lo > hi flips), rounded and clipped; a flat range gives zeros."""
+    if hi == lo or not np.isfinite(hi - lo):
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def _voi_kind(ds) -> str | None:
+    """Which VOI transform `apply_voi_lut(prefer_lut=True)` applies: "lut", "window" or None (pydicom's rule)."""
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        return "lut"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return None
+
+
+def _voi_output_range(apply_voi_lut, ds, kind: str) -> tuple[float, float]:
+    """(output for the lowest input, output for the highest): the VOI output range in display order.
+
+    A window maps [center − width/2, center + width/2] (PS3.3 C.11.2.1.2) onto an output range that pydicom derives
+    from BitsStored, PixelRepresentation and the rescale; probing far below and above the window reads it back
+    exactly for LINEAR, LINEAR_EXACT and SIGMOID. A VOI LUT's range runs from its first entry to its last.
+    """
+    if kind == "lut":
+        descriptor = ds.VOILUTSequence[0].LUTDescriptor
+        entries, first = int(descriptor[0]) or 2 ** 16, int(descriptor[1])
+        probe = np.array([first, first + entries - 1], dtype=np.int64)
+    else:
+        probe = np.array([-1e300, 1e300], dtype=np.float64)
+    with np.errstate(all="ignore"):
+        out = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
+    return float(out[0]), float(out[1])
+
+
+def _lut_functions():
+    try:  # pydicom >= 3
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
+
+
+def _pydicom_major(pydicom) -> int:
+    try:
+        return int(str(pydicom.__version__).split(".")[0])
+    except ValueError:
+        return 0
+
+
+def _is_compressed(ts) -> bool:
+    try:
+        return bool(ts.is_compressed)
+    except (ValueError, AttributeError):  # a private / unknown transfer syntax
+        return True
+
+
+def _decoder_available(pydicom, ts) -> bool:
+    try:
+        from pydicom.pixels import get_decoder  # pydicom >= 3
+    except ImportError:  # pydicom 2.x: pixel data handler modules
+        return any(h.supports_transfer_syntax(ts) and h.is_available() for h in pydicom.config.pixel_data_handlers)
+    try:
+        return bool(get_decoder(ts).is_available)
+    except (NotImplementedError, ValueError):
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def _complete(path: Path, data: np.ndarray) -> bool:

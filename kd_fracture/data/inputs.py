@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kd_fracture.data.imageio import IMAGE_SUFFIXES, read_grayscale
+from kd_fracture.data.imageio import IMAGE_SUFFIXES, is_image_file, read_grayscale
 from kd_fracture.data.manifest import COLUMNS, FOLDER_CLASSES, Manifest
 from kd_fracture.errors import DataError
 
@@ -53,7 +53,8 @@ def describe_image(path: Path, shown: str) -> InputImage:
 def collect_inputs(inputs: list[str]) -> tuple[list[InputImage], list[tuple[str, str]]]:
     """Expand INPUT… (files, folders searched recursively) into images; (images, [(input, problem), …]).
 
-    Non-image files inside a folder are skipped (hidden entries too); a non-image file named explicitly is a problem.
+    Images are .png/.jpg/.jpeg/.dcm files and extension-less DICOM files (found by their `DICM` marker). Non-image
+    files inside a folder are skipped (hidden entries too); a non-image file named explicitly is a problem.
     The same file reached twice is kept once.
     """
     images: dict[Path, InputImage] = {}
@@ -65,15 +66,15 @@ def collect_inputs(inputs: list[str]) -> tuple[list[InputImage], list[tuple[str,
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 found += [Path(dirpath) / f for f in sorted(filenames)
-                          if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+                          if not f.startswith(".") and is_image_file(os.path.join(dirpath, f))]
             if not found:
-                problems.append((given, f"folder holds no {'/'.join(IMAGE_SUFFIXES)} images"))
+                problems.append((given, f"folder holds no {'/'.join(IMAGE_SUFFIXES)} or DICOM images"))
             for f in found:
                 images.setdefault(f, describe_image(f, os.path.join(given, os.path.relpath(f, path))))
         elif not path.exists():
             problems.append((given, "not found"))
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            problems.append((given, f"not an image file (expected {', '.join(IMAGE_SUFFIXES)})"))
+        elif not is_image_file(path):
+            problems.append((given, f"not an image file (expected {', '.join(IMAGE_SUFFIXES)} or a DICOM file)"))
         else:
             images.setdefault(path, describe_image(path, given))
     return list(images.values()), problems

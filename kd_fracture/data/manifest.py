@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from kd_fracture.data.imageio import IMAGE_SUFFIXES, read_grayscale
+from kd_fracture.data.imageio import IMAGE_SUFFIXES, is_image_file, read_grayscale, strip_image_suffix
 from kd_fracture.errors import DataError, UserError
 from kd_fracture.io import atomic_path, sha256_bytes
 
@@ -43,8 +43,8 @@ _MURA_STUDY = (
     r"/(?P<study_dir>study\d+_(?P<folder_label>positive|negative))"
 )
 _MURA_STUDY_RE = re.compile(_MURA_STUDY)
-_MURA_IMAGE_RE = re.compile(_MURA_STUDY + r"/[^/]+\.(?i:png|jpe?g)")
-_MURA_IMAGE_SHAPE = f"{MURA_DIR}/<split>/XR_<PART>/patient<N>/study<N>_<positive|negative>/<image>.png"
+_MURA_IMAGE_RE = re.compile(_MURA_STUDY + r"/[^/]+\.(?i:png|jpe?g|dcm)")
+_MURA_IMAGE_SHAPE = f"{MURA_DIR}/<split>/XR_<PART>/patient<N>/study<N>_<positive|negative>/<image>.<png|jpg|dcm>"
 _MURA_STUDY_SHAPE = f"{MURA_DIR}/<split>/XR_<PART>/patient<N>/study<N>_<positive|negative>/"
 
 FOLDER_SPLITS = {"train": "train", "val": "train", "test": "holdout"}
@@ -53,7 +53,7 @@ FOLDER_CLASSES = {
     "fractured": 1, "positive": 1, "abnormal": 1,
     "not_fractured": 0, "notfractured": 0, "negative": 0, "normal": 0,
 }
-FOLDER_LAYOUT = "ROOT/{train,val,test}/{fractured,not_fractured}/*.{png,jpg,jpeg}"
+FOLDER_LAYOUT = "ROOT/{train,val,test}/{fractured,not_fractured}/*.{png,jpg,jpeg,dcm}"
 
 _HEADER_FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_ ]*")  # `path`, `image_path`, `Label`: words, no '/' or '.'
 
@@ -318,11 +318,12 @@ def _normalise_paths(df: pd.DataFrame, col: str, file: str) -> pd.Series:
 
 
 def load_folder(root: Path, verify_images: bool = False, name: str | None = None) -> Manifest:
-    """Load ROOT/{train,val,test}/<class>/**/*.{png,jpg,jpeg}: train+val -> "train" (CV pool), test -> "holdout".
+    """Load ROOT/{train,val,test}/<class>/**/*.{png,jpg,jpeg,dcm} (and extension-less DICOM files): train+val ->
+    "train" (CV pool), test -> "holdout".
 
     Class folders (case-insensitive, ' ' or '-' read as '_'): fractured|positive|abnormal -> 1,
     not_fractured|negative|normal -> 0. No patient ids exist, so each image is its own study and patient
-    (study_id = patient_id = image_path without suffix) and folds are image-level; body_part = "unknown".
+    (study_id = patient_id = image_path without its image suffix) and folds are image-level; body_part = "unknown".
     """
     root = Path(os.path.abspath(root))
     if not root.is_dir():
@@ -353,11 +354,11 @@ def load_folder(root: Path, verify_images: bool = False, name: str | None = None
                             f"expected {FOLDER_LAYOUT}")
     if skipped:
         warnings.warn(f"{root}: ignored {len(skipped)} non-image file(s), e.g. '{skipped[0]}' "
-                      f"(images are {', '.join(IMAGE_SUFFIXES)})", UserWarning, stacklevel=3)
+                      f"(images are {', '.join(IMAGE_SUFFIXES)} or extension-less DICOM)", UserWarning, stacklevel=3)
     warnings.warn(f"{root}: folder layout has no patient ids; each image is its own study and patient, so folds "
                   f"are image-level and images of one patient may land in different folds", UserWarning, stacklevel=3)
 
-    df["study_id"] = df["image_path"].map(lambda p: posixpath.splitext(p)[0])
+    df["study_id"] = df["image_path"].map(strip_image_suffix)
     df["patient_id"] = df["study_id"]
     df["body_part"] = "unknown"
     df["label"] = df["label"].astype("int64")
@@ -367,7 +368,8 @@ def load_folder(root: Path, verify_images: bool = False, name: str | None = None
 
 
 def _walk_files(root: Path, class_dir: Path, skipped: list[str]) -> list[str]:
-    """Image paths (relative to root, POSIX) under class_dir, recursively; hidden entries are ignored."""
+    """Image paths (relative to root, POSIX) under class_dir, recursively; hidden entries are ignored. A file without
+    an image suffix is an image if it is a DICOM file (`is_image_file` reads its first 132 bytes)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -375,7 +377,7 @@ def _walk_files(root: Path, class_dir: Path, skipped: list[str]) -> list[str]:
         for f in filenames:
             if f.startswith("."):
                 continue
-            (found if f.lower().endswith(IMAGE_SUFFIXES) else skipped).append(f"{rel_dir}/{f}")
+            (found if is_image_file(os.path.join(dirpath, f)) else skipped).append(f"{rel_dir}/{f}")
     return found
 
 

@@ -3,22 +3,23 @@
 Steps (every one resumes on rerun):
 1. Teacher-logit cache per fold (train/teacher_cache.py): the fold-k teacher's logits for V seeded views + the clean view
    of fold k's training images, computed once and replayed to every student of fold k.
-2. Optuna search (search.py): a trial trains one student per search fold on fold k's training patients, with fold
-   k's teacher and fold k's inner-validation split for early stopping, scores fold k once, reports the running mean
-   (step = fold) and may be pruned. Objective = mean scored-fold metric (study κ by default).
-3. Final students with the best parameters on every fold, plus the baselines (same student without KD, a timm
-   model with KD), each shaped like a teacher run (`final/<variant>/fold_<k>/…`, `holdout/`, tables, plots), the
-   holdout model being the fold ensemble.
-4. tables/teacher_vs_student.{csv,md,tex} (params, FLOPs, CPU latency, CV and holdout metrics), student.onnx,
-   Optuna plots, summary.md.
+2. One Optuna study per variant (`<study>/<variant>`: kd, no_kd, timm:NAME), each with the same budget (n_trials,
+   search folds, search epochs, pruner) over the keys that act on it. A trial trains one student per search fold on
+   fold k's training patients with fold k's teacher; its value is the search metric on fold k's inner-validation
+   split, reported after every epoch (step = fold × epochs + epoch) so the pruner can stop it inside a fold. No
+   scored fold and no holdout image enters any choice (unbiased selection).
+3. Each variant's final students with its own best parameters on every fold, each shaped like a teacher run
+   (`final/<variant>/fold_<k>/…`, `holdout/`, tables, plots), the holdout model being the fold ensemble.
+4. report.distill: tables/teacher_vs_student.* per deployable thing (one fold model: cost + scored-fold mean ± std,
+   paired Δ vs no-KD with the corrected resampled t-test; the K-fold ensemble: cost + holdout),
+   tables/paired_vs_no_kd.*, student.onnx + student_ensemble.onnx, summary.md.
 
 No leakage: fold k's student sees only fold k's training patients and logits from fold k's teacher, which never saw
-fold k. The search picks parameters by the same scored folds it reports, so the best trial's CV numbers are
-optimistic; the holdout (never touched by teacher, search or early stopping) is the unbiased estimate.
+fold k.
 
-Layout: <teacher_run>/distill/<study>/{config.yaml, env.json, trials.csv, best_params.yaml, cache/fold_<k>/,
-trials/<n>/fold_<k>/{history.csv, metrics.json} (trial checkpoints are deleted once the fold is scored),
-final/<variant>/…, tables/, plots/, student.onnx, export.json, summary.md}.
+Layout: <teacher_run>/distill/<study>/{config.yaml, env.json, cache/fold_<k>/, search/<variant>/{trials.csv,
+best_params.yaml, plots/}, trials/<variant>/<n>/fold_<k>/{history.csv, metrics.json} (trial checkpoints are deleted
+once the fold is scored), final/<variant>/…, tables/, student.onnx, student_ensemble.onnx, export.json, summary.md}.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ scored — its CV pool and its holdout split alike, since none of it was seen in
 different one (`--split holdout|train` narrows that). Output, by default in `runs/NAME/evaluate/<dataset>/`, has
 the holdout's shape (docs/design.md §4, §6):
 
-    predictions.csv  metrics.json  classification_report.{txt,csv}  summary.md
+    predictions.csv  metrics.json  classification_report.{txt,csv}  summary.md  report.html
     tables/  metrics.{csv,md,tex} (study-level, 95% bootstrap CI)  per_body_part.*  members.* (each fold model)
     plots/   roc.png  pr.png  calibration.png  confusion.png  sample_predictions.png  gradcam_examples.png
 
@@ -28,7 +28,7 @@ from kd_fracture import io
 from kd_fracture.data.loaders import SharedCache
 from kd_fracture.data.manifest import SPLITS, Manifest
 from kd_fracture.errors import UserError
-from kd_fracture.report import aggregate, figures, plots, tables
+from kd_fracture.report import aggregate, figures, html, plots, tables
 from kd_fracture.runs import scoring
 from kd_fracture.runs.models import RunModels
 from kd_fracture.train import engine
@@ -101,7 +101,8 @@ def evaluate_dataset(models: RunModels, manifest: Manifest, split: str, out: Pat
                                          out / "plots" / "confusion.png")]
 
     written += figures.example_plots(models, pred, manifest.root, out / "plots", device)
-    write_summary(out, report, name, members_table, written)
+    write_summary(out, report, name, members_table, [*written, out / html.REPORT])
+    html.write_evaluate_report(out)
     return report
 
 
@@ -117,7 +118,7 @@ def write_summary(out: Path, report: dict, name: str, members_table: pd.DataFram
         "",
         f"**Study κ {tables.ci_text(ci['kappa']['value'], ci['kappa']['low'], ci['kappa']['high'])}**, "
         f"study AUROC {tables.ci_text(ci['auroc']['value'], ci['auroc']['low'], ci['auroc']['high'])} "
-        f"(95% bootstrap CI over studies); image AUROC {res['image']['auroc']:.3f}.  ",
+        f"(95% bootstrap CI over patients); image AUROC {res['image']['auroc']:.3f}.  ",
         f"Threshold {res['threshold']:.3f} ({report['threshold_source']}); κ at 0.5: "
         f"{res[scoring.AT_REFERENCE]['study']['kappa']:.3f}. Calibration: Brier {res['study']['brier']:.3f}, "
         f"ECE {res['study']['ece']:.3f}; AUPRC {res['study']['auprc']:.3f}.",

@@ -1,7 +1,7 @@
-"""Aggregation of a finished run (cv teachers or a distilled variant): holdout, tables, plots, summary.md.
+"""Aggregation of a finished run (cv teachers or a distilled variant): holdout, tables, plots, summary.md, report.html.
 
 The fold ensemble's holdout probability is the mean of the K members' probabilities, scored at the mean of their
-inner-val thresholds (the cut on the same scale) with 95% bootstrap CIs over studies, and at 0.5
+inner-val thresholds (the cut on the same scale) with 95% bootstrap CIs over patients, and at 0.5
 (docs/design.md §6). Tables give mean ± std over the scored folds (CSV, Markdown, LaTeX).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kd_fracture.config import CVConfig, replace
 from kd_fracture.data.loaders import SharedCache, holdout_rows
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.models import is_student_name
-from kd_fracture.report import figures, plots, tables
+from kd_fracture.report import figures, html, plots, tables
 from kd_fracture.runs import scoring
 from kd_fracture.runs.models import ensemble_predict, run_models
 from kd_fracture.runs.rundir import RunDir, require_done
@@ -120,9 +120,10 @@ def write_reports(cfg: CVConfig, run: RunDir, fold_results: dict, oof: dict, his
         tables.threshold_note(cfg.eval.threshold_rule, fold_thresholds, threshold),
         "",
         "## Per fold", "", md.round(3).to_markdown(index=False), "",
-        "## Files", "", tables.markdown_link_list(run.path, written), "",
+        "## Files", "", tables.markdown_link_list(run.path, [*written, run.path / html.REPORT]), "",
     ])
     io.write_text(run.summary, summary)
+    html.write_run_report(run.path)
     print(md.round(3).to_markdown(index=False))
     print(f"holdout study κ (fold ensemble): {tables.ci_text(ci['value'], ci['low'], ci['high'])}")
 

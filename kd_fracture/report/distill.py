@@ -10,7 +10,7 @@ reads those folders and the teacher run (as `report.compare.load_result` reads a
   std) with the corrected resampled t-test p-value (Nadeau & Bengio 2003; `report.compare`).
 - tables/paired_vs_no_kd.{csv,md,tex}: the per-fold differences behind those columns.
 - student.onnx (one fold model of the first variant) and student_ensemble.onnx (its K-fold ensemble), each checked
-  against torch with onnxruntime when installed; export.json; summary.md.
+  against torch with onnxruntime when installed; export.json; summary.md; report.html (one self-contained page).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch import nn
 from kd_fracture import extras, io
 from kd_fracture.config import CVConfig, DistillConfig, read_yaml
 from kd_fracture.models import export
-from kd_fracture.report import tables
+from kd_fracture.report import html, tables
 from kd_fracture.report.compare import RunResult, corrected_resampled_ttest, load_result
 from kd_fracture.runs.models import TeacherRun, load_fold_model
 from kd_fracture.runs.rundir import RunDir
@@ -171,7 +171,9 @@ def report(out: RunDir, teacher: TeacherRun, cfg: DistillConfig, params: dict[st
     elif cfg.onnx:
         onnx_info = export_student(variants[0], folds, img, out)
         written += [out.path / f for f in onnx_info]
-    write_summary(out, teacher, cfg, params, table, onnx_info, search_folds, elapsed, written)
+    write_summary(out, teacher, cfg, params, table, onnx_info, search_folds, elapsed,
+                  [*written, out.path / html.REPORT])
+    html.write_distill_report(out.path)
     print(display_table(table).to_markdown(index=False))
 
 
