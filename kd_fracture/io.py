@@ -92,3 +92,40 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class LockedError(OSError):
+    """Another process holds the advisory lock (see `flock`)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path}: locked by {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def flock(path: str | os.PathLike, shared: bool = False) -> Iterator[Path]:
+    """Hold an advisory `fcntl.flock` on `path` (created if missing) for the `with` block, without waiting.
+
+    exclusive: one holder; shared: any number of shared holders, none while an exclusive one holds it. The lock
+    dies with the process (SIGKILL included), so a stale lock file never blocks. The file records the last
+    holder's PID, host and start time, named in LockedError when the lock is taken.
+    """
+    import fcntl
+    import socket
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise LockedError(path, holder) from None
+        me = f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)  # diagnostics only: who to look for when the lock is refused
+        yield path
+    finally:
+        os.close(fd)  # closing releases the lock

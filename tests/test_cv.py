@@ -10,6 +10,7 @@ import pytest
 from kd_fracture import cv, metrics
 from kd_fracture.train import engine
 from kd_fracture.config import CVConfig, load_config
+from kd_fracture.errors import UserError
 
 DOCUMENTED = [
     "config.yaml", "env.json", "folds.csv",
@@ -198,3 +199,49 @@ def test_state_is_written_at_most_every_state_interval(tiny_cv_overrides, tmp_pa
     again = dict(over, run_dir=str(tmp_path / "every_epoch"))
     assert cv.main(cli_args(again) + ["--fold", "0"]) == 0  # conftest: state_interval_min = 0
     assert writes == [0, 1]
+
+
+def test_one_writer_per_run_and_per_fold(tiny_cv_overrides, tmp_path, capsys):
+    """A second cv on a run being written exits 2 naming the holder; fold jobs share a run but not a fold."""
+    import os
+
+    from kd_fracture.runs.rundir import RunDir
+
+    over = dict(tiny_cv_overrides, **{"data.folds": 2})
+    run = RunDir(over["run_dir"])
+    with run.lock():  # a plain run in progress
+        assert cv.main(cli_args(over)) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by PID {os.getpid()}" in err and "--fold K" in err
+        assert cv.main(cli_args(over) + ["--fold", "0"]) == 2  # not even a fold job beside it
+    with run.lock(fold=1):  # a fold job on fold 1 ...
+        assert cv.main(cli_args(over) + ["--fold", "0"]) == 0  # ... and another on fold 0: side by side
+        assert cv.main(cli_args(over) + ["--fold", "1"]) == 2
+        assert f"fold 1 of {run.path} is being written by PID" in capsys.readouterr().err
+        assert cv.main(cli_args(over)) == 2  # a plain run waits for the fold jobs
+    assert cv.main(cli_args(over)) == 0  # every lock released: the run finishes
+
+
+def test_a_killed_writer_leaves_no_lock(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kd_fracture.runs.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom kd_fracture.runs.rundir import RunDir\n"
+                               f"with RunDir({str(run.path)!r}).lock():\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="is being written by PID"):
+            with run.lock():
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    with run.lock():  # flock died with the process
+        pass

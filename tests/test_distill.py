@@ -387,3 +387,15 @@ def test_variants_flag_selects_the_rows(tmp_path):
 def test_unknown_variant_is_a_config_error(tmp_path, capsys):
     assert distill.main(["--run", str(tmp_path), "--variants", "kd,distilled"]) == 2
     assert "variants: 'distilled' is none of kd, no_kd, timm:NAME" in capsys.readouterr().err
+
+
+def test_a_study_has_one_final_writer_but_many_search_workers(teacher_run, tmp_path, capsys):
+    from kd_fracture.runs.rundir import RunDir
+
+    args = [*[a for a in distill_args(teacher_run, tmp_path) if a not in ("--study", "tiny")], "--study", "locked",
+            "--set", "variants=[kd]", "--n-trials", "1"]
+    study = RunDir(teacher_run.run.path / "distill" / "locked")
+    with study.lock(shared=True):  # a --trials-only worker is searching
+        assert distill.main(args) == 2  # the final run waits for the workers
+        assert "is being written by PID" in capsys.readouterr().err
+        assert distill.main([*args, "--trials-only"]) == 0  # another worker joins

@@ -7,6 +7,7 @@ Rerunning the same run resumes; `folds_to_run` and `aggregate_only` split the wo
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pandas as pd
@@ -61,19 +62,28 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
         io.write_csv(run.folds, folds)
     cache = SharedCache(manifest.root, cfg.data.img_size, cfg.data.cache_images)
 
-    if not aggregate_only:
-        for k in folds_to_run or ks:
-            train_fold(cfg, manifest, folds, k, run, device, cache)
-        if cfg.refit and not folds_to_run:
-            train_fold(cfg, manifest, folds, None, run, device, cache)
-    if folds_to_run and not aggregate_only:
+    hint = f"train folds as parallel jobs: python -m kd_fracture.cv --out {run.path} --fold K"
+
+    def lock(fold: int | None = None):  # rank 0 speaks for a torchrun job; its ranks share the run by design
+        return run.lock(fold, hint=hint) if engine.is_main() else contextlib.nullcontext()
+
+    if folds_to_run and not aggregate_only:  # fold jobs: each holds its folds, beside other fold jobs
+        for k in folds_to_run:
+            with lock(k):
+                train_fold(cfg, manifest, folds, k, run, device, cache)
         engine.log(f"trained fold(s) {folds_to_run}; when all folds are DONE run: "
                    f"python -m kd_fracture.cv --out {cfg.run_dir} --aggregate")
         return run
-    distributed.barrier()  # every rank has finished its folds before rank 0 reads them
-    if engine.is_main():
-        aggregate(cfg, manifest, run, device, cache, fix=f"python -m kd_fracture.cv --out {run.path}")
-        engine.log(f"\nwrote {run.path}/ in {time.perf_counter() - t0:.0f}s — summary: {run.summary}")
+    with lock():
+        if not aggregate_only:
+            for k in ks:
+                train_fold(cfg, manifest, folds, k, run, device, cache)
+            if cfg.refit:
+                train_fold(cfg, manifest, folds, None, run, device, cache)
+        distributed.barrier()  # every rank has finished its folds before rank 0 reads them
+        if engine.is_main():
+            aggregate(cfg, manifest, run, device, cache, fix=f"python -m kd_fracture.cv --out {run.path}")
+            engine.log(f"\nwrote {run.path}/ in {time.perf_counter() - t0:.0f}s — summary: {run.summary}")
     return run
 
 

@@ -422,6 +422,12 @@ def run_distill(cfg: DistillConfig, skip_search: bool = False, trials_only: bool
         out.check_compatible(cfg)
     except UserError as e:
         raise UserError(str(e).replace("a new --out", "a new --study NAME")) from None
+    with out.lock(shared=trials_only, hint="start extra search workers with --trials-only, which share a study"):
+        return _run_distill(cfg, teacher, out, skip_search, trials_only, t0)
+
+
+def _run_distill(cfg: DistillConfig, teacher: TeacherRun, out: RunDir, skip_search: bool, trials_only: bool,
+                 t0: float) -> RunDir:
     device = engine.resolve_device(cfg.train.device)
     d = Distiller(cfg, teacher, out, device)
     search.check_pruner(cfg.search, len(d.search_folds()) * d.search_epochs())

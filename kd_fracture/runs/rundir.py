@@ -3,6 +3,7 @@ in it. One folder per fold (`fold_<k>/`, nnU-Net style), a `DONE` marker per fin
 the environment at the top."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -62,6 +63,24 @@ class RunDir:
         if not keep_state:
             for path in (self.fold(k) / LAST, sidecar(self.fold(k) / LAST)):
                 path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self, fold: int | str | None = None, shared: bool = False, hint: str = ""):
+        """One writer per run, or per fold (docs/design.md §9). A plain run holds `RUN/.lock` exclusively; a fold
+        job (`fold=k`) holds it shared — fold jobs run side by side, never beside a plain run — and
+        `RUN/fold_k/.lock` exclusively; `shared=True` alone lets cooperating processes in (distill --trials-only
+        workers). A second writer gets a UserError naming the holder and `hint`. flock dies with its process, so a
+        killed run leaves no lock behind."""
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(io.flock(self.path / ".lock", shared=shared or fold is not None))
+                if fold is not None:
+                    stack.enter_context(io.flock(self.fold(fold) / ".lock"))
+            except io.LockedError as e:
+                what = f"fold {fold} of {self.path}" if e.path.parent != self.path else str(self.path)
+                raise UserError(f"{what} is being written by {e.holder}; wait for it to finish"
+                                + (f", or {hint}" if hint else "")) from None
+            yield self
 
     def saved_config(self, cls: type[T]) -> T | None:
         return from_dict(cls, read_yaml(self.config), str(self.config)) if self.config.exists() else None
