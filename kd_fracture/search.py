@@ -292,16 +292,23 @@ def make_storage(url: str, cfg: SearchConfig) -> optuna.storages.BaseStorage:
                         ) from None
 
 
-def sampler_seed(cfg: SearchConfig) -> int:
-    """sampler_seed + worker: workers sharing a study draw different random start-up trials (with one seed, two
-    workers proposed the same first parameters)."""
-    return cfg.sampler_seed + cfg.worker
+def sampler_seed(cfg: SearchConfig, resumed_at: int = 0) -> int:
+    """sampler_seed + worker for a new study: workers sharing a study draw different random start-up trials (with
+    one seed, two workers proposed the same first parameters). A process that joins a study already holding
+    `resumed_at` trials seeds from (sampler_seed, worker, resumed_at) instead: with the first seed it would replay
+    the start-up draws of the process that began the study and repeat a finished trial's parameters."""
+    if resumed_at == 0:
+        return cfg.sampler_seed + cfg.worker
+    return int(np.random.SeedSequence([cfg.sampler_seed, cfg.worker, resumed_at]).generate_state(1)[0])
 
 
-def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
-    """TPE (Bergstra et al. 2011), seeded per worker (`sampler_seed`); `n_startup_trials` random trials first, like
-    the pruner's startup."""
-    return optuna.samplers.TPESampler(seed=sampler_seed(cfg), n_startup_trials=max(1, cfg.n_startup_trials))
+def make_sampler(cfg: SearchConfig, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
+    """TPE (Bergstra et al. 2011), seeded per worker and resume point (`sampler_seed`); `n_startup_trials` random
+    trials first, like the pruner's startup. The seed is kept as `sampler.kd_seed` (recorded in every trial)."""
+    seed = sampler_seed(cfg, resumed_at)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, cfg.n_startup_trials))
+    sampler.kd_seed = seed
+    return sampler
 
 
 def check_pruner(cfg: SearchConfig, steps: int) -> None:
@@ -339,6 +346,8 @@ def open_study(cfg: SearchConfig, storage: str | optuna.storages.BaseStorage | N
         storage = make_storage(storage_url(storage, cfg.study, studies_dir), cfg)
     study = optuna.create_study(study_name=cfg.study, storage=storage, direction="maximize",
                                 sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
+    if study.trials:  # joining or resuming: a fresh seed, so the start-up draws are not replayed
+        study.sampler = make_sampler(cfg, resumed_at=len(study.trials))
     if study.metric_names is None:  # the dashboard and trials.csv name the objective instead of "Objective 0"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -421,7 +430,7 @@ def run_search(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
     """
     def attributed(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", cfg.worker)
-        trial.set_user_attr("sampler_seed", sampler_seed(cfg))
+        trial.set_user_attr("sampler_seed", getattr(study.sampler, "kd_seed", sampler_seed(cfg)))
         return objective(trial)
 
     started, failed, t0 = 0, 0, time.monotonic()

@@ -328,7 +328,9 @@ def test_two_distill_workers_share_a_journal_study(teacher_run, work, start):
     assert mine[0] and mine[1], "one worker did all the trials"
     assert not mine[0] & mine[1] and mine[0] | mine[1] == set(complete)
     seeds = {t.user_attrs["worker"]: t.user_attrs["sampler_seed"] for t in study.get_trials()}
-    assert seeds == {0: 0, 1: 1}  # each worker seeded its own sampler
+    assert set(seeds) == {0, 1} and seeds[0] != seeds[1]  # each worker seeded its own sampler
+    params = [tuple(sorted(t.params.items())) for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert len(set(params)) == len(params)  # and no two trials tried the same parameters
 
 
 @pytest.fixture

@@ -357,3 +357,16 @@ def test_the_study_names_its_metric():
 def test_metric_must_be_an_inner_validation_metric():
     with pytest.raises(ConfigError, match="search.metric 'study_f1'"):
         search.check_metric("study_f1")
+
+
+def test_a_resumed_search_never_repeats_a_finished_trial(tmp_path):
+    """Resumed with the same seed, TPE replayed its start-up draws: trial 2 repeated trial 0's parameters."""
+    space = search.parse_space(SPACE)
+    for n in (2, 4, 6):  # the same command three times, raising --n-trials
+        cfg = SearchConfig(study="r", n_trials=n, space=SPACE, n_startup_trials=10)
+        study = search.open_study(cfg, sqlite(tmp_path))
+        search.run_search(study, search.make_objective(space, [0], one_epoch(stub_score), 1), cfg)
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 6 and len(set(params)) == 6
+    seeds = [t.user_attrs["sampler_seed"] for t in study.trials]
+    assert seeds[:2] == [0, 0] and len(set(seeds)) == 3  # a new study keeps seed 0 (reproducible)
