@@ -199,3 +199,40 @@ def test_set_epoch_reaches_persistent_workers(data):
             for idx, img in zip(b["index"].tolist(), b["image"]):
                 assert torch.equal(img, reference.with_view(epoch)[idx]["image"])
     assert orders == _orders(make_loader(ds, 4, shuffle=True, seed=0), 2)  # workers do not change the order
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# odd images (issue #15 item 6)
+
+
+def test_images_under_16_px_are_refused(tmp_path):
+    import cv2
+
+    from kd_fracture.data.imageio import read_grayscale
+    from kd_fracture.errors import DataError
+
+    for w, h in ((1, 1), (15, 64), (64, 8)):
+        path = tmp_path / f"small_{w}x{h}.png"
+        cv2.imwrite(str(path), np.full((h, w), 128, np.uint8))
+        with pytest.raises(DataError, match=f"{w}×{h} px, smaller than 16 px on a side"):
+            read_grayscale(path)
+    ok = tmp_path / "ok.png"
+    cv2.imwrite(str(ok), np.full((16, 16), 128, np.uint8))
+    assert read_grayscale(ok).shape == (16, 16)
+
+
+def test_rgba_is_composited_on_black_with_one_note(tmp_path, capsys):
+    import cv2
+
+    from kd_fracture.data import imageio
+
+    imageio._WARNED.discard("rgba")
+    bgra = np.zeros((32, 32, 4), np.uint8)
+    bgra[..., :3] = 200
+    bgra[:, :16, 3] = 255  # left half opaque, right half transparent
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), bgra)
+    img = imageio.read_grayscale(tmp_path / "a.png")
+    assert (img[:, :16] == 200).all() and (img[:, 16:] == 0).all()  # transparent → black, not the hidden colour
+    imageio.read_grayscale(tmp_path / "b.png")
+    assert capsys.readouterr().err.count("composited on black") == 1  # said once per process

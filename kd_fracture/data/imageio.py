@@ -9,6 +9,7 @@ modality values) → MONOCHROME1 inverted. Only single-frame images are read.
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import cv2
@@ -42,20 +43,46 @@ def read_grayscale(path: str | Path) -> np.ndarray:
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e.strerror}); check the path or remove the row") from None
+        raise DataError(f"{path}: cannot read image ({e.strerror}); check the path, or leave the file out") from None
     if data.size == 0:
-        raise DataError(f"{path}: image file is empty (0 bytes); re-export it or remove its row")
+        raise DataError(f"{path}: image file is empty (0 bytes); re-export it, or leave it out")
     suffix = path.suffix.lower()
     if suffix == DICOM_SUFFIX or (suffix not in RASTER_SUFFIXES and _dicm_marker(data[:_DICM_OFFSET + 4].tobytes())):
-        return _read_dicom(path, data)
+        return check_size(path, _read_dicom(path, data))
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or not _complete(path, data):
-        raise DataError(f"{path}: image is corrupt or truncated and cannot be decoded; re-export it or remove its row")
-    if img.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        img = cv2.cvtColor(img, code)
+        raise DataError(f"{path}: image is corrupt or truncated and cannot be decoded; re-export it, or leave it out")
+    if img.ndim == 3 and img.shape[2] == 4:  # RGBA: composite on black, as a viewer over a dark background shows it
+        _warn_once("rgba", f"{path}: has an alpha channel; composited on black (transparent = black). "
+                           "Further RGBA images are treated alike without this note")
+        alpha = img[..., 3:].astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
+        img = (img[..., :3].astype(np.float32) * alpha).round().astype(img.dtype)
+    if img.ndim == 3:  # colour, palette (expanded by the decoder) or CMYK JPEG (converted to BGR by it) → luminance
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     if img.dtype != np.uint8:  # 16-bit PNG radiographs: rescale to 8 bits
         img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    return check_size(path, img)
+
+
+MIN_SIDE = 16
+"""Smallest image side accepted, in pixels: below it a radiograph holds no readable detail (a thumbnail or an icon,
+not a study image); the input is refused rather than silently upscaled."""
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(kind: str, message: str) -> None:
+    """One line on stderr the first time a kind of image conversion happens in this process."""
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def check_size(path: Path, img: np.ndarray) -> np.ndarray:
+    """`img`, or a DataError when a side is under MIN_SIDE pixels."""
+    if min(img.shape[:2]) < MIN_SIDE:
+        raise DataError(f"{path}: image is {img.shape[1]}×{img.shape[0]} px, smaller than {MIN_SIDE} px on a side, "
+                        "too small to read as a radiograph; use the full-size image, or leave it out")
     return img
 
 
@@ -116,10 +143,10 @@ def _read_dicom(path: Path, data: np.ndarray) -> np.ndarray:
         ds = pydicom.dcmread(io.BytesIO(data.tobytes()), force=not marker)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for a damaged file
         raise DataError(f"{path}: DICOM is corrupt or truncated and cannot be read ({_first_line(e)}); "
-                        f"re-export it or remove its row") from None
+                        f"re-export it, or leave it out") from None
     if "PixelData" not in ds:
         what = "DICOM holds no pixel data" if marker else "not a DICOM image (no DICM marker, no pixel data)"
-        raise DataError(f"{path}: {what} (a report or other non-image object); remove its row")
+        raise DataError(f"{path}: {what} (a report or other non-image object); leave it out")
     try:
         frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
@@ -145,7 +172,7 @@ def _read_dicom(path: Path, data: np.ndarray) -> np.ndarray:
         arr = ds.pixel_array  # pydicom >= 3 converts YBR colour to RGB here
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: DICOM pixel data cannot be decoded ({_first_line(e)}); "
-                        f"re-export it or remove its row") from None
+                        f"re-export it, or leave it out") from None
     if arr.ndim != (2 if monochrome else 3) or min(arr.shape[:2]) == 0:
         raise DataError(f"{path}: DICOM pixel array has shape {arr.shape}, not one {photometric} image; "
                         f"re-export it as a single-frame image")
