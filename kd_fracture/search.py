@@ -76,6 +76,8 @@ NO_EFFECT = {
     "train.loss": "kd_loss picks BCE or CE from the student's number of logits, not from train.loss",
     "train.pos_weight": "searched class weights move the decision threshold, which the inner split chooses anyway",
 }
+DASHBOARD_PORT = 8080
+"""Where `python -m kd_fracture.dashboard` serves optuna-dashboard by default (the app links its studies there)."""
 PRUNERS = ("median", "wilcoxon", "none")
 WILCOXON_P = 0.1
 """WilcoxonPruner's p_threshold (Optuna's default)."""

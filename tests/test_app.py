@@ -172,6 +172,9 @@ def test_runs_lists_headline_numbers_and_reports(client, tiny_run):
     assert run["model"] == "resnet10t" and run["cv"]["n_folds"] == 2 and run["cv"]["kappa"] is not None
     assert run["holdout"]["auroc"] is not None and run["holdout"]["threshold"] is not None
     assert run["report"] == "/runs/phantom/resnet10t/report.html"
+    if run["has_distill"]:  # linked to the dashboard of its studies, with the command that starts it
+        assert run["dashboard"]["url"].startswith("http://127.0.0.1:8080/")
+        assert run["dashboard"]["command"] == f"python -m kd_fracture.dashboard --run {tiny_run}"
     assert client.get("/api/runs", params={"root": "phantom"}).status_code == 200
     assert client.get("/api/runs", params={"root": "/etc"}).status_code == 400
     assert client.get("/api/runs", params={"root": "../.."}).status_code == 400
@@ -227,6 +230,10 @@ def test_student_is_served_next_to_the_teacher(tiny_run, phantom_pngs, tmp_path,
     assert got["student"]["prob"] == pytest.approx(got["teacher"]["prob"], abs=1e-6)  # the same weights
     assert body["models"]["student"]["latency_ms"]["predict"] > 0
     assert body["models"]["student"]["study"]["decision"] in ("normal", "abnormal")
+    with TestClient(server.create_app(run, device="cpu")) as c:  # the Runs tab links its study to the dashboard
+        row = next(r for r in c.get("/api/runs").json()["runs"] if r["path"].endswith("with_student"))
+    assert row["has_distill"] and row["dashboard"]["url"] == "http://127.0.0.1:8080/dashboard/"
+    assert row["dashboard"]["command"] == f"python -m kd_fracture.dashboard --run {run}"
 
 
 def test_cli_help_and_exposure_warning(capsys):

@@ -40,7 +40,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from torch import nn
 
-from kd_fracture import __version__, extras
+from kd_fracture import __version__, extras, search
 from kd_fracture.config import replace
 from kd_fracture.data.imageio import DICOM_SUFFIX, RASTER_SUFFIXES, read_grayscale
 from kd_fracture.data.inputs import UNKNOWN_LABEL, InputImage, as_manifest
@@ -366,6 +366,9 @@ def read_headline(run: Path, root: Path) -> dict:
             pass
     if (run / REPORT).is_file():
         out["report"] = "/runs/" + (f"{rel}/" if rel else "") + REPORT
+    if out["has_distill"]:  # its studies live in <run>/distill/<study>.db: the dashboard serves them, started apart
+        out["dashboard"] = {"url": f"http://127.0.0.1:{search.DASHBOARD_PORT}/dashboard/",
+                            "command": f"python -m kd_fracture.dashboard --run {run}"}
     return out
 
 

@@ -18,10 +18,10 @@ from kd_fracture.cli.common import new_parser
 from kd_fracture.config import DistillConfig
 from kd_fracture.errors import UserError, cli_main
 from kd_fracture.pipelines.distill import resolve_names
-from kd_fracture.search import redact, storage_url
+from kd_fracture.search import DASHBOARD_PORT, redact, storage_url
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
+DEFAULT_PORT = DASHBOARD_PORT
 
 
 def build_parser() -> argparse.ArgumentParser:

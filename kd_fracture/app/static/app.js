@@ -128,17 +128,22 @@
       const res = await getJSON("/api/runs");
       $("runs-root").textContent = `runs under ${res.root}`;
       const head = el("tr", {}, ...["run", "model", "CV κ (mean ± sd)", "CV AUROC", "holdout κ [95% CI]",
-        "holdout AUROC", "threshold", "report"].map((h) => el("th", {}, h)));
+        "holdout AUROC", "threshold", "report", "Optuna study"].map((h) => el("th", {}, h)));
       const rows = res.runs.map((r) => {
         const cv = r.cv || {}, ho = r.holdout || {};
         const link = r.report ? el("a", { href: r.report, target: "_blank", rel: "noopener" }, "report.html") : "–";
         const name = el("td", {}, r.path, r.path && res.current.endsWith(r.path) ? " (served)" : "");
+        const study = r.dashboard  // the dashboard is its own server: the link works once the command has started it
+          ? el("td", {}, el("a", { href: r.dashboard.url, target: "_blank", rel: "noopener",
+                                   title: `start it with: ${r.dashboard.command}` }, "dashboard"),
+               el("div", { class: "muted" }, r.dashboard.command))
+          : el("td", {}, "–");
         return el("tr", {}, name, el("td", {}, r.model || "–"),
           el("td", { class: "num" }, r.cv ? `${fmt(cv.kappa)} ± ${fmt(cv.kappa_std)}` : "–"),
           el("td", { class: "num" }, fmt(cv.auroc)),
           el("td", { class: "num" }, r.holdout ? `${fmt(ho.kappa)} [${fmt(ho.kappa_low)}, ${fmt(ho.kappa_high)}]` : "–"),
           el("td", { class: "num" }, fmt(ho.auroc)), el("td", { class: "num" }, fmt(ho.threshold)),
-          el("td", {}, link));
+          el("td", {}, link), study);
       });
       $("runs-table").replaceChildren(rows.length
         ? el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows))
