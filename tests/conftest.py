@@ -36,3 +36,28 @@ def tiny_cv_overrides(tiny_phantom, tmp_path):
         "eval.bootstrap": 50,
         "train.state_interval_min": 0,  # state_last.pt every epoch, so resume tests can stop after any epoch
     }
+
+
+def copy_with_student(run, dest):
+    """A copy of cv run `run` at `dest` with a distilled 'student' that is the teacher's own fold checkpoints (same
+    architecture), laid out as distill writes it: distill/<study>/config.yaml and final/<variant>/{config.yaml,
+    fold_<k>/}. For the app's tests, which need a student without running distill."""
+    import shutil
+
+    shutil.copytree(run, dest)
+    study = dest / "distill" / "s1"
+    variant = study / "final" / "resnet10t_kd"
+    variant.mkdir(parents=True)
+    (study / "config.yaml").write_text("student:\n  name: resnet10t\n")
+    shutil.copy(run / "config.yaml", variant / "config.yaml")
+    for fold in sorted(run.glob("fold_*")):
+        (variant / fold.name).mkdir()
+        for f in fold.glob("checkpoint_best.safetensors*"):
+            shutil.copy(f, variant / fold.name / f.name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def student_copy():
+    """`copy_with_student` as a fixture (tests cannot import conftest by name)."""
+    return copy_with_student

@@ -198,26 +198,8 @@ def test_models_load_once_across_requests(tiny_run, phantom_pngs, monkeypatch):
     assert sorted(loads) == [0, 1]  # each fold's weights read from disk once, not per request
 
 
-def with_student(run: Path, dest: Path) -> Path:
-    """A copy of `run` with a distilled 'student' that is the teacher's own fold checkpoints (same architecture), laid
-    out as distill writes it: distill/<study>/config.yaml and final/<variant>/{config.yaml, fold_<k>/}."""
-    import shutil
-
-    shutil.copytree(run, dest)
-    study = dest / "distill" / "s1"
-    variant = study / "final" / "resnet10t_kd"
-    variant.mkdir(parents=True)
-    (study / "config.yaml").write_text("student:\n  name: resnet10t\n")
-    shutil.copy(run / "config.yaml", variant / "config.yaml")
-    for k in (0, 1):
-        (variant / f"fold_{k}").mkdir()
-        for f in (run / f"fold_{k}").glob("checkpoint_best.safetensors*"):
-            shutil.copy(f, variant / f"fold_{k}" / f.name)
-    return dest
-
-
-def test_student_is_served_next_to_the_teacher(tiny_run, phantom_pngs, tmp_path, monkeypatch):
-    run = with_student(tiny_run, tmp_path / "runs" / "phantom" / "with_student")
+def test_student_is_served_next_to_the_teacher(tiny_run, phantom_pngs, tmp_path, monkeypatch, student_copy):
+    run = student_copy(tiny_run, tmp_path / "runs" / "phantom" / "with_student")
     calls = []
     monkeypatch.setattr(server, "load_run_models", lambda *a, **k: calls.append(a) or load_run_models(*a, **k))
     with TestClient(server.create_app(run, device="cpu")) as c:

@@ -50,7 +50,7 @@ CHROMEDRIVER = _binary("chromedriver", "/usr/bin/chromedriver", "/usr/lib/chromi
 # ---- a tiny run with a student (the minimal fixture code of tests/test_app.py: tests/ is not a package)
 
 @pytest.fixture(scope="module")
-def served_run(tiny_phantom, tmp_path_factory) -> Path:
+def served_run(tiny_phantom, tmp_path_factory, student_copy) -> Path:
     """A 2-fold × 1-epoch resnet10t run at 32 px with a report.html, copied with a distilled 'student' that is the
     teacher's own fold checkpoints, laid out as distill writes it; under <tmp>/runs/phantom/ (runs/ = runs root)."""
     tmp = tmp_path_factory.mktemp("browser")
@@ -61,18 +61,7 @@ def served_run(tiny_phantom, tmp_path_factory) -> Path:
     assert cv.main([a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]) == 0
     if not (run / "report.html").exists():
         (run / "report.html").write_text("<!doctype html><title>report</title><p>tiny run report</p>")
-    dest = run.parent / "with_student"
-    shutil.copytree(run, dest)
-    study = dest / "distill" / "s1"
-    variant = study / "final" / "resnet10t_kd"
-    variant.mkdir(parents=True)
-    (study / "config.yaml").write_text("student:\n  name: resnet10t\n")
-    shutil.copy(run / "config.yaml", variant / "config.yaml")
-    for k in (0, 1):
-        (variant / f"fold_{k}").mkdir()
-        for f in (run / f"fold_{k}").glob("checkpoint_best.safetensors*"):
-            shutil.copy(f, variant / f"fold_{k}" / f.name)
-    return dest
+    return student_copy(run, run.parent / "with_student")
 
 
 def free_port() -> int:
