@@ -42,9 +42,8 @@ from torch import nn
 
 from kd_fracture import __version__, extras, search
 from kd_fracture.config import replace
-from kd_fracture.data.imageio import DICOM_SUFFIX, RASTER_SUFFIXES, read_grayscale
+from kd_fracture.data.imageio import DICOM_SUFFIX, RASTER_SUFFIXES, has_dicm_marker, read_grayscale
 from kd_fracture.data.inputs import UNKNOWN_LABEL, InputImage, as_manifest
-from kd_fracture.data.loaders import build_loader
 from kd_fracture.errors import DataError, UserError
 from kd_fracture.pipelines.predict import predict_images, study_predictions
 from kd_fracture.runs.models import RunModels, load_run_models
@@ -73,8 +72,8 @@ MAX_WALK_DIRS = 5000
 
 @dataclass(frozen=True)
 class ResidentModels(RunModels):
-    """A RunModels whose fold modules are loaded once, on `device`, and reused by every request: `predict` is
-    `runs.models.ensemble_predict` (same loader, same member order) with the resident modules."""
+    """A RunModels whose fold modules are loaded once, on `device`, and reused by every request: the inherited
+    `predict` (`runs.models.ensemble_predict`) asks `load` for each member."""
 
     device: torch.device = torch.device("cpu")
     modules: dict = field(default_factory=dict, compare=False, repr=False)
@@ -83,17 +82,6 @@ class ResidentModels(RunModels):
         if member not in self.modules:
             self.modules[member] = super().load(member).to(self.device).eval()
         return self.modules[member]
-
-    def predict(self, rows: pd.DataFrame, manifest, device: torch.device, cache=None) -> pd.DataFrame:
-        cfg = self.cfg
-        loader = build_loader(rows, manifest, cfg.data, cfg.aug, train=False, in_chans=cfg.model.in_chans,
-                              batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed, cache=cache)
-        pred = rows.reset_index(drop=True).copy()
-        for k in self.members:
-            pred[f"prob_fold{k}"] = engine.predict_probs(self.load(k), loader, device, cfg.train.amp,
-                                                         desc=f"app {self.role} fold {k}")
-        pred["prob"] = pred[[f"prob_fold{k}" for k in self.members]].mean(axis=1)
-        return pred
 
 
 def resident(models: RunModels, device: torch.device) -> ResidentModels:
@@ -202,7 +190,7 @@ def sniff_suffix(head: bytes, name: str) -> str | None:
         return ".png"
     if head.startswith(b"\xff\xd8\xff"):
         return ".jpg"
-    if head[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIX):
+    if has_dicm_marker(head) or name.lower().endswith(DICOM_SUFFIX):
         return DICOM_SUFFIX
     return None
 

@@ -47,7 +47,7 @@ def read_grayscale(path: str | Path) -> np.ndarray:
     if data.size == 0:
         raise DataError(f"{path}: image file is empty (0 bytes); re-export it, or leave it out")
     suffix = path.suffix.lower()
-    if suffix == DICOM_SUFFIX or (suffix not in RASTER_SUFFIXES and _dicm_marker(data[:_DICM_OFFSET + 4].tobytes())):
+    if suffix == DICOM_SUFFIX or (suffix not in RASTER_SUFFIXES and has_dicm_marker(data[:_DICM_OFFSET + 4].tobytes())):
         return check_size(path, _read_dicom(path, data))
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or not _complete(path, data):
@@ -102,7 +102,7 @@ def is_dicom_file(path: str | Path) -> bool:
     """True if the file starts with the 128-byte DICOM preamble followed by `DICM` (unreadable: False)."""
     try:
         with open(path, "rb") as f:
-            return _dicm_marker(f.read(_DICM_OFFSET + 4))
+            return has_dicm_marker(f.read(_DICM_OFFSET + 4))
     except OSError:
         return False
 
@@ -113,7 +113,8 @@ def strip_image_suffix(path: str) -> str:
     return stem if f".{suffix.lower()}" in IMAGE_SUFFIXES else path
 
 
-def _dicm_marker(head: bytes) -> bool:
+def has_dicm_marker(head: bytes) -> bool:
+    """True if `head` (a file's first bytes) holds the DICOM Part 10 preamble followed by `DICM`."""
     return len(head) >= _DICM_OFFSET + 4 and head[_DICM_OFFSET:_DICM_OFFSET + 4] == b"DICM"
 
 
@@ -138,7 +139,7 @@ def _read_dicom(path: Path, data: np.ndarray) -> np.ndarray:
     if pydicom is None:
         raise DataError(f"{path}: is a DICOM file and pydicom is not installed; "
                         f"pip install 'kd_fracture[dicom]' to read it")
-    marker = _dicm_marker(data[:_DICM_OFFSET + 4].tobytes())
+    marker = has_dicm_marker(data[:_DICM_OFFSET + 4].tobytes())
     try:  # a .dcm without the preamble (old ACR-NEMA style) is read by force
         ds = pydicom.dcmread(io.BytesIO(data.tobytes()), force=not marker)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for a damaged file

@@ -7,6 +7,7 @@ Every command that reads a run — aggregation, distill, predict, evaluate, expl
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,14 +54,19 @@ def load_fold_model(cfg: CVConfig, run: RunDir, k: int | str) -> nn.Module:
 
 
 def ensemble_predict(cfg: CVConfig, run: RunDir, rows: pd.DataFrame, manifest: Manifest, device: torch.device,
-                     cache: SharedCache | None = None, members: list[int | str] | None = None) -> pd.DataFrame:
-    """Mean of the fold models' probabilities for `rows`; one prob_fold<k> column per member, then `prob`."""
+                     cache: SharedCache | None = None, members: list[int | str] | None = None,
+                     load: Callable[[int | str], nn.Module] | None = None) -> pd.DataFrame:
+    """Mean of the fold models' probabilities for `rows`; one prob_fold<k> column per member, then `prob`.
+
+    `load(member)` gives a member's model (default: `load_fold_model` from its checkpoint; the app passes models it
+    keeps loaded)."""
     members = list(range(cfg.data.folds)) if members is None else members
+    load = load or (lambda k: load_fold_model(cfg, run, k))
     loader = build_loader(rows, manifest, cfg.data, cfg.aug, train=False, in_chans=cfg.model.in_chans,
                           batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed, cache=cache)
     pred = rows.reset_index(drop=True).copy()
     for k in members:
-        model = load_fold_model(cfg, run, k).to(device)
+        model = load(k).to(device)
         pred[f"prob_fold{k}"] = engine.predict_probs(model, loader, device, cfg.train.amp, desc=f"holdout fold {k}")
     pred["prob"] = pred[[f"prob_fold{k}" for k in members]].mean(axis=1)
     return pred
@@ -153,7 +159,7 @@ class RunModels:
     def predict(self, rows: pd.DataFrame, manifest: Manifest, device: torch.device,
                 cache: SharedCache | None = None) -> pd.DataFrame:
         """`rows` + one prob_fold<k> column per member + `prob` (their mean), in row order."""
-        return ensemble_predict(self.cfg, self.run, rows, manifest, device, cache, list(self.members))
+        return ensemble_predict(self.cfg, self.run, rows, manifest, device, cache, list(self.members), self.load)
 
 
 def run_models(cfg: CVConfig, run: RunDir, role: str) -> RunModels:
