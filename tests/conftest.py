@@ -38,6 +38,26 @@ def tiny_cv_overrides(tiny_phantom, tmp_path):
     }
 
 
+def served_tiny_run(tiny_phantom, tmp):
+    """A 2-fold × 1-epoch resnet10t cv run at 32 px under tmp/runs/phantom/resnet10t (so tmp/runs is a runs root),
+    with a report.html: what the app serves in its tests."""
+    from kd_fracture import cv
+
+    run = tmp / "runs" / "phantom" / "resnet10t"
+    overrides = {"run_dir": str(run), "data.root": str(tiny_phantom), "data.folds": 2, "data.img_size": 32,
+                 "data.manifests_dir": str(tmp / "manifests"), "data.inner_val_frac": 0.2, "model.name": "resnet10t",
+                 "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 10}
+    assert cv.main([a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]) == 0
+    if not (run / "report.html").exists():
+        (run / "report.html").write_text("<!doctype html><title>report</title><p>tiny run report</p>")
+    return run
+
+
+@pytest.fixture(scope="session")
+def app_run_builder():
+    """`served_tiny_run` as a fixture (tests cannot import conftest by name)."""
+    return served_tiny_run
+
 def copy_with_student(run, dest):
     """A copy of cv run `run` at `dest` with a distilled 'student' that is the teacher's own fold checkpoints (same
     architecture), laid out as distill writes it: distill/<study>/config.yaml and final/<variant>/{config.yaml,

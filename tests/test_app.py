@@ -16,7 +16,6 @@ pytest.importorskip("multipart")
 import torch  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from kd_fracture import cv  # noqa: E402
 from kd_fracture.app import server  # noqa: E402
 from kd_fracture.data.inputs import UNKNOWN_LABEL, InputImage  # noqa: E402
 from kd_fracture.extras import optional  # noqa: E402
@@ -27,17 +26,10 @@ UPLOAD_LIMIT = 200_000  # bytes; the tiny phantom's 32 px PNGs are ~1 kB
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_phantom, tmp_path_factory) -> Path:
-    """A 2-fold × 1-epoch resnet10t run at 32 px under <tmp>/runs/phantom/resnet10t (so runs/ is the runs root),
-    with a report.html, and a secret file outside the runs root."""
+def tiny_run(tiny_phantom, tmp_path_factory, app_run_builder) -> Path:
+    """The app's tiny run (conftest.served_tiny_run) under <tmp>/runs/, and a secret file outside the runs root."""
     tmp = tmp_path_factory.mktemp("app")
-    run = tmp / "runs" / "phantom" / "resnet10t"
-    overrides = {"run_dir": str(run), "data.root": str(tiny_phantom), "data.folds": 2, "data.img_size": 32,
-                 "data.manifests_dir": str(tmp / "manifests"), "data.inner_val_frac": 0.2, "model.name": "resnet10t",
-                 "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 10}
-    assert cv.main([a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]) == 0
-    if not (run / "report.html").exists():
-        (run / "report.html").write_text("<!doctype html><title>report</title><p>tiny run report</p>")
+    run = app_run_builder(tiny_phantom, tmp)
     (tmp / "secret.txt").write_text("outside the runs root")
     return run
 

@@ -29,7 +29,6 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from kd_fracture import cv  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 90  # CPU predictions with Grad-CAM on two models take a few seconds; generous for loaded CI machines
@@ -47,20 +46,13 @@ CHROMIUM = _binary("chromium", "/usr/bin/chromium", "chromium-browser")
 CHROMEDRIVER = _binary("chromedriver", "/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
 
 
-# ---- a tiny run with a student (the minimal fixture code of tests/test_app.py: tests/ is not a package)
+# ---- a tiny run with a student
 
 @pytest.fixture(scope="module")
-def served_run(tiny_phantom, tmp_path_factory, student_copy) -> Path:
-    """A 2-fold × 1-epoch resnet10t run at 32 px with a report.html, copied with a distilled 'student' that is the
-    teacher's own fold checkpoints, laid out as distill writes it; under <tmp>/runs/phantom/ (runs/ = runs root)."""
-    tmp = tmp_path_factory.mktemp("browser")
-    run = tmp / "runs" / "phantom" / "resnet10t"
-    overrides = {"run_dir": str(run), "data.root": str(tiny_phantom), "data.folds": 2, "data.img_size": 32,
-                 "data.manifests_dir": str(tmp / "manifests"), "data.inner_val_frac": 0.2, "model.name": "resnet10t",
-                 "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 10}
-    assert cv.main([a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]) == 0
-    if not (run / "report.html").exists():
-        (run / "report.html").write_text("<!doctype html><title>report</title><p>tiny run report</p>")
+def served_run(tiny_phantom, tmp_path_factory, student_copy, app_run_builder) -> Path:
+    """The app's tiny run (conftest.served_tiny_run) copied with a distilled 'student' that is the teacher's own fold
+    checkpoints, laid out as distill writes it; under <tmp>/runs/phantom/ (runs/ = runs root)."""
+    run = app_run_builder(tiny_phantom, tmp_path_factory.mktemp("browser"))
     return student_copy(run, run.parent / "with_student")
 
 
