@@ -3,10 +3,12 @@
 A checkpoint `X` always travels with `X.json` = {file, size, sha256, …}: `verify_sidecar` detects a truncated or
 modified file before it is loaded. Weights are safetensors (`BEST`); the resumable training state (`LAST`, model +
 optimiser + scaler + history) is a `torch.save` file read back with `weights_only=True`, so a pickle carrying code is
-refused (docs/design.md §5).
+refused (docs/design.md §5). Both writers are told the tensor bytes up front (`tensor_bytes`), so a disk without
+room for the new copy is a one-line `io.DiskFullError` before anything is written.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -38,8 +40,10 @@ class CheckpointError(UserError):
 def save_weights(model: nn.Module, path: Path, meta: dict | None = None) -> None:
     """safetensors weights + `<name>.json` sidecar with size and sha256 (detects truncation and tampering)."""
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-    with io.atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={k: str(v) for k, v in (meta or {}).items()})
+    with io.atomic_path(path, expect_bytes=tensor_bytes(state)) as tmp:
+        # one metadata key holding sorted JSON: safetensors writes a multi-key metadata map in a per-process random
+        # order (a Rust HashMap), which gave identical weights a different sha256 in a resumed run
+        save_file(state, str(tmp), metadata={"kd_fracture": json.dumps(meta or {}, sort_keys=True, default=str)})
     write_sidecar(path, meta)
 
 
@@ -54,9 +58,21 @@ def load_weights(model: nn.Module, path: Path, strict: bool = True) -> nn.Module
 
 
 def save_state(path: Path, state: dict) -> None:
-    with io.atomic_path(path) as tmp:
+    with io.atomic_path(path, expect_bytes=tensor_bytes(state)) as tmp:
         torch.save(state, tmp)
     write_sidecar(path, {"epoch": state.get("epoch")})
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in `obj` (nested dicts/lists/tuples, as a state_dict or optimiser state holds them):
+    what a checkpoint file of it needs, give or take its header."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_state(path: Path) -> dict:
