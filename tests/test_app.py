@@ -220,3 +220,22 @@ def test_cli_help_and_exposure_warning(capsys):
     assert "--max-upload-mb MB" in text and "default: 7860" in text and "default: 127.0.0.1" in text
     assert cli_app.main(["--run", "/no/such/run"]) == 2
     assert "folder not found" in capsys.readouterr().err
+
+
+def test_a_16_bit_tiff_upload_is_predicted_like_the_file(client, tiny_run, phantom_pngs, tmp_path):
+    """TIFF is read by the library (16-bit windowed by percentiles); the app must accept it by its content too
+    (it answered "not an image" before), and give the probability the library gives for the same file."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(phantom_pngs[2]).convert("L"), dtype=np.uint16) * 257  # 8 → 16 bit
+    path = tmp_path / "xray.tif"
+    Image.fromarray(pixels).save(path)
+    res = client.post("/api/predict", files=upload(("scan.bin", path.read_bytes())))  # the name says nothing
+    assert res.status_code == 200, res.text
+    got = res.json()["files"][0]
+    assert got["ok"], got
+    models = load_run_models(tiny_run, "teacher")
+    image = InputImage(path=path, shown=str(path), study="", body_part="unknown", label=UNKNOWN_LABEL)
+    expected = predict_images(models, [image], torch.device("cpu")).iloc[0]
+    assert got["teacher"]["prob"] == pytest.approx(float(expected["prob"]), abs=1e-6)

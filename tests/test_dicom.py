@@ -333,7 +333,7 @@ def test_collect_inputs_finds_extension_less_dicom_in_folders_and_explicitly(pyd
 
     images, problems = collect_inputs([str(a), str(study / "README")])
     assert [i.path for i in images] == [a]
-    assert problems == [(str(study / "README"), "not an image file (expected .png, .jpg, .jpeg, .dcm or a DICOM file)")]
+    assert problems == [(str(study / "README"), "not an image file (expected .png, .jpg, .jpeg, .tif, .tiff, .dcm or a DICOM file)")]
 
 
 def test_folder_layout_with_dicom_loads_and_verifies(pydicom, tmp_path):

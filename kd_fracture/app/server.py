@@ -184,12 +184,14 @@ def shown_name(filename: str | None, i: int) -> str:
 
 
 def sniff_suffix(head: bytes, name: str) -> str | None:
-    """The image type from the content (PNG, JPEG, DICOM Part 10), not from the name; a `.dcm` name without the
+    """The image type from the content (PNG, JPEG, TIFF, DICOM Part 10), not from the name; a `.dcm` name without the
     DICM marker (ACR-NEMA style) is left to the DICOM reader; None: not an image this package reads."""
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return ".png"
     if head.startswith(b"\xff\xd8\xff"):
         return ".jpg"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):  # little- / big-endian TIFF (16-bit radiographs are often TIFF)
+        return ".tif"
     if has_dicm_marker(head) or name.lower().endswith(DICOM_SUFFIX):
         return DICOM_SUFFIX
     return None
@@ -228,7 +230,7 @@ def stage_upload(data: bytes, name: str, i: int, tmp: Path, max_pixels: int) -> 
         return None, {**entry, "error": "empty file (0 bytes)"}
     suffix = sniff_suffix(data[:132], name)
     if suffix is None:
-        return None, {**entry, "error": "not an image: the content is not PNG, JPEG or DICOM (whatever the file "
+        return None, {**entry, "error": "not an image: the content is not PNG, JPEG, TIFF or DICOM (whatever the file "
                                         "name says)"}
     path = tmp / f"upload_{i:03d}{suffix}"
     path.write_bytes(data)

@@ -1,6 +1,8 @@
-"""Image decoding shared by the dataset, `--verify-images`, predict and explain.
+"""Image decoding shared by the dataset, `--verify-images`, predict, evaluate, explain and the app.
 
-PNG/JPEG are decoded by OpenCV. DICOM (`.dcm`, or an extension-less / UID-named file with the Part 10 preamble and
+PNG/JPEG/TIFF are decoded by OpenCV, and every pixel format becomes one (H, W) uint8 image by a fixed rule
+(`read_grayscale`): colour → luminance, alpha composited on black, palette through its palette, CMYK through RGB,
+16-bit / 32-bit / float windowed by percentiles (`data.window_percentiles`, default 0.5–99.5). DICOM (`.dcm`, or an extension-less / UID-named file with the Part 10 preamble and
 `DICM` marker) needs the `dicom` extra (pydicom) and is converted as the standard's grayscale pipeline says: stored
 values → Modality LUT (RescaleSlope/Intercept or a Modality LUT Sequence) → VOI LUT (the first VOI LUT Sequence item,
 else the first WindowCenter/WindowWidth) → 8 bits over the VOI output range (without a VOI transform: min–max of the
@@ -10,15 +12,17 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from kd_fracture.errors import DataError
+from kd_fracture.errors import ConfigError, DataError
 from kd_fracture.extras import optional
 
-RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIX = ".dcm"
 IMAGE_SUFFIXES = (*RASTER_SUFFIXES, DICOM_SUFFIX)
 """Suffixes (lower-case) read as images; an extension-less DICOM file is an image too (see `is_image_file`)."""
@@ -32,12 +36,53 @@ except AttributeError:
     pass
 
 
-def read_grayscale(path: str | Path) -> np.ndarray:
-    """Decode an image file to a (H, W) uint8 array; colour images are converted to luminance, DICOM is windowed
-    (module docstring).
+WINDOW_PERCENTILES = (0.5, 99.5)
+"""Default `data.window_percentiles`: the low and high percentile of a high-bit-depth image's values that become
+0 and 255 (values outside are clipped), so a few hot or dead pixels do not squeeze the anatomy into a few grey
+levels as a min–max rescale would."""
 
-    Raises DataError naming the path for a missing, empty, truncated or otherwise undecodable file, and for a DICOM
-    that cannot be shown as one grayscale image (multi-frame, no pixel data, missing decoder or pydicom).
+_window = WINDOW_PERCENTILES  # this process's rule; set from the run's config by set_window_percentiles
+
+
+def check_window(window, key: str = "data.window_percentiles") -> tuple[float, float]:
+    """(low, high) as floats, or ConfigError unless 0 ≤ low < high ≤ 100."""
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={window!r}: give two percentiles [low, high], e.g. [0.5, 99.5]") from None
+    if not 0 <= lo < hi <= 100:
+        raise ConfigError(f"{key}=[{lo:g}, {hi:g}]: need 0 ≤ low < high ≤ 100, e.g. [0.5, 99.5]")
+    return lo, hi
+
+
+def set_window_percentiles(window) -> tuple[float, float]:
+    """Make `window` (data.window_percentiles of the run's config) the rule of every later `read_grayscale` call in
+    this process that does not pass its own; called where a config's data section takes effect (resolving a
+    manifest, loading a run's models), so training and prediction of one run decode alike."""
+    global _window
+    _window = check_window(window)
+    return _window
+
+
+def read_grayscale(path: str | Path, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Decode an image file to a (H, W) uint8 array by these rules (each conversion but the first two is noted once
+    per process on stderr):
+
+    - 8-bit grayscale: as stored. 8-bit colour (RGB/BGR): luminance 0.299 R + 0.587 G + 0.114 B (OpenCV).
+    - palette ('P'): expanded through its palette to RGB (RGBA when an entry is transparent), then as those.
+    - alpha ('RGBA', 'LA', 'PA', transparent palette entries): composited on black — transparent = black, as a
+      viewer over a dark background shows it — then luminance.
+    - CMYK (JPEG, TIFF): converted to RGB by Pillow (R = (255 − C)(255 − K)/255, likewise G from M and B from Y;
+      Adobe's inverted JPEGs included), then luminance.
+    - more than 8 bits ('I;16' PNG/TIFF, 16-bit colour, 32-bit integer 'I', float 'F' TIFF): luminance first for
+      colour, then windowed: the `window` percentiles (low, high) of the finite values map to 0 and 255, linearly,
+      clipped outside (`numpy.percentile`, linear interpolation); default `data.window_percentiles` = (0.5, 99.5).
+      A flat image (low = high) becomes 0; NaN becomes 0.
+    - DICOM: the standard's grayscale pipeline (module docstring). TIFF: its first page.
+
+    Raises DataError naming the path for a missing, empty, truncated or otherwise undecodable file, an image under
+    MIN_SIDE pixels on a side, and a DICOM that cannot be shown as one grayscale image (multi-frame, no pixel data,
+    missing decoder or pydicom).
     """
     path = Path(path)
     try:
@@ -52,16 +97,75 @@ def read_grayscale(path: str | Path) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None or not _complete(path, data):
         raise DataError(f"{path}: image is corrupt or truncated and cannot be decoded; re-export it, or leave it out")
-    if img.ndim == 3 and img.shape[2] == 4:  # RGBA: composite on black, as a viewer over a dark background shows it
+    if img.ndim == 2 and img.dtype == np.uint8:  # 8-bit grayscale, the common case: nothing to convert
+        return check_size(path, img)
+    mode = _pil_mode(path)
+    if mode == "CMYK":  # OpenCV's CMYK handling differs between JPEG (BGR) and TIFF (BGR + an opaque 4th channel)
+        _note_once("cmyk", f"{path}: CMYK image converted to RGB, then to luminance; further CMYK images alike")
+        img = _cmyk_as_bgr(path, data)
+    elif mode in ("P", "PA"):
+        _note_once("palette", f"{path}: palette image expanded through its palette, then to luminance; further "
+                              "palette images alike")
+    if img.ndim == 3 and img.shape[2] == 4:  # alpha (RGBA, LA, PA, a transparent palette entry): composite on black
         _warn_once("rgba", f"{path}: has an alpha channel; composited on black (transparent = black). "
                            "Further RGBA images are treated alike without this note")
-        alpha = img[..., 3:].astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
-        img = (img[..., :3].astype(np.float32) * alpha).round().astype(img.dtype)
-    if img.ndim == 3:  # colour, palette (expanded by the decoder) or CMYK JPEG (converted to BGR by it) → luminance
+        top = np.iinfo(img.dtype).max if img.dtype.kind in "ui" else 1.0
+        alpha = np.clip(img[..., 3:].astype(np.float32) / np.float32(top), 0, 1)
+        composited = img[..., :3].astype(np.float32) * alpha
+        img = composited.round().astype(img.dtype) if img.dtype.kind in "ui" else composited.astype(img.dtype)
+    if img.ndim == 3 and img.dtype == np.uint8:  # 8-bit colour or expanded palette → luminance
         img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    if img.dtype != np.uint8:  # 16-bit PNG radiographs: rescale to 8 bits
-        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    elif img.ndim == 3:  # high bit depth colour: luminance in float, before windowing
+        img = img[..., :3].astype(np.float64) @ np.array([0.114, 0.587, 0.299])  # BGR weights
+    if img.dtype != np.uint8:
+        lo, hi = _window if window is None else check_window(window)
+        depth = _bit_depth(mode)
+        _note_once(f"window {depth}", f"{depth} images are windowed to uint8 by percentiles {lo:g}–{hi:g} "
+                                      "(data.window_percentiles)")
+        img = window_to_uint8(img, (lo, hi))
     return check_size(path, img)
+
+
+def window_to_uint8(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """(H, W) values → uint8: the (low, high) percentiles of the finite values → 0 and 255, linear, clipped."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, dtype=np.uint8)
+    lo, hi = np.percentile(values[finite] if not finite.all() else values, window)
+    return _to_uint8(np.where(finite, values, lo), float(lo), float(hi))
+
+
+def _bit_depth(mode: str | None) -> str:
+    """How a high-bit-depth source is named in the one-time note: '16-bit', '32-bit integer' or 'float'."""
+    return {"F": "float", "I": "32-bit integer"}.get(mode or "", "16-bit")
+
+
+def _pil_mode(path: Path) -> str | None:
+    """Pillow's mode of the file ('P', 'CMYK', 'I;16', …) read from its header only; None when Pillow cannot tell."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # a large radiograph is no decompression bomb: only the header is read
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.mode
+    except Exception:  # noqa: BLE001 - OpenCV decoded it; Pillow's opinion is only a hint
+        return None
+
+
+def _cmyk_as_bgr(path: Path, data: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: CMYK image cannot be converted to RGB ({_first_line(e)}); re-export it as RGB "
+                        f"or grayscale") from None
+    return np.ascontiguousarray(rgb[..., ::-1])
 
 
 MIN_SIDE = 16
@@ -69,13 +173,21 @@ MIN_SIDE = 16
 not a study image); the input is refused rather than silently upscaled."""
 
 _WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()  # ImageCache decodes in threads
 
 
 def _warn_once(kind: str, message: str) -> None:
     """One line on stderr the first time a kind of image conversion happens in this process."""
-    if kind not in _WARNED:
+    _note_once(kind, message, prefix="warning")
+
+
+def _note_once(kind: str, message: str, prefix: str = "note") -> None:
+    """`<prefix>: <message>` on stderr the first time `kind` happens in this process."""
+    with _WARNED_LOCK:
+        if kind in _WARNED:
+            return
         _WARNED.add(kind)
-        print(f"warning: {message}", file=sys.stderr)
+    print(f"{prefix}: {message}", file=sys.stderr)
 
 
 def check_size(path: Path, img: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 A folder is searched recursively; a MURA study folder (`studyN_positive/`) gives the study and the true label, a
 folder-layout class folder (`fractured/`, `not_fractured/`) the label; anything else has an unknown label.
+`load_labelled_folder` is evaluate's "flat folder" source: any folder of images whose labels the folder names tell.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from kd_fracture.data.imageio import IMAGE_SUFFIXES, is_image_file, read_grayscale
-from kd_fracture.data.manifest import COLUMNS, FOLDER_CLASSES, Manifest
+from kd_fracture.data.imageio import IMAGE_SUFFIXES, is_image_file, read_grayscale, strip_image_suffix
+from kd_fracture.data.manifest import COLUMNS, FOLDER_CLASSES, Manifest, dataset_name
 from kd_fracture.errors import DataError
 
 UNKNOWN_LABEL = -1
@@ -21,6 +22,7 @@ UNKNOWN_LABEL = -1
 
 _STUDY_DIR = re.compile(r"study\d+(?:_(?P<folder_label>positive|negative))?", re.IGNORECASE)
 _BODY_PART = re.compile(r"XR_[A-Z]+")
+_PATIENT_DIR = re.compile(r"patient\d+", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -108,3 +110,55 @@ def as_manifest(images: list[InputImage]) -> Manifest:
         "split": "predict",
     }, columns=list(COLUMNS))
     return Manifest(df=df, root=Path(os.path.abspath(os.sep)), name="predict", source="files")
+
+
+def load_labelled_folder(root: Path, verify_images: bool = False, name: str | None = None) -> Manifest:
+    """A folder of images that is neither MURA nor the train/val/test layout, as one labelled "holdout" split.
+
+    Found as `collect_inputs` finds them (recursively; non-image and hidden files skipped). Each image's label comes
+    from the nearest folder, from its own up to ROOT itself, named like a class (fractured|positive|abnormal → 1,
+    not_fractured|negative|normal → 0) or a MURA study (`studyN_positive|negative`). An image without one is a
+    DataError: scores need the truth (predict scores unlabelled images). In a MURA study folder the study is that
+    folder and the patient its `patientN` parent (the body part its `XR_*` ancestor); elsewhere each image is its own
+    study and patient, as in the folder layout. image_path is relative to ROOT.
+    """
+    root = Path(os.path.abspath(root))
+    images, _ = collect_inputs([str(root)])
+    if not images:
+        raise DataError(f"{root}: no {', '.join(IMAGE_SUFFIXES)} or DICOM images found; evaluate reads a MURA root, "
+                        f"a train/val/test folder layout, or a folder of images under fractured/ and not_fractured/ "
+                        f"(or MURA studyN_positive|negative/) folders")
+    records, unlabelled = [], []
+    for image in images:
+        rel = image.path.relative_to(root)
+        folders = [root / f for f in rel.parents if str(f) != "."] + [root]  # nearest first, ROOT last
+        label, study, patient = UNKNOWN_LABEL, "", ""
+        for folder in folders:
+            folder_name = folder.name
+            study_match = _STUDY_DIR.fullmatch(folder_name)
+            if study_match and study_match["folder_label"] and label == UNKNOWN_LABEL:
+                label = int(study_match["folder_label"].lower() == "positive")
+                study = folder.relative_to(root).as_posix() if folder != root else folder_name
+            elif label == UNKNOWN_LABEL and (c := re.sub(r"[ -]", "_", folder_name.lower())) in FOLDER_CLASSES:
+                label = FOLDER_CLASSES[c]
+            if study and not patient and _PATIENT_DIR.fullmatch(folder_name):
+                patient = folder.relative_to(root).as_posix() if folder != root else folder_name
+        if label == UNKNOWN_LABEL:
+            unlabelled.append(rel.as_posix())
+        image_path = rel.as_posix()
+        own = strip_image_suffix(image_path)
+        records.append((image_path, study or own, patient or study or own, image.body_part, label))
+    if unlabelled:
+        raise DataError(f"{root}: {len(unlabelled)} of {len(images)} images have no label, e.g. '{unlabelled[0]}'; "
+                        f"evaluate needs the truth, so put them under fractured/ and not_fractured/ folders (or MURA "
+                        f"studyN_positive|negative/ folders), or score unlabelled images with "
+                        f"`python -m kd_fracture.predict`")
+    if verify_images:
+        for (image_path, *_), image in zip(records, images):
+            _, problems = readable([image])
+            if problems:
+                raise DataError(f"{image_path}: {problems[0][1]}")
+    df = pd.DataFrame(records, columns=list(COLUMNS[:-1])).assign(split="holdout")
+    df["label"] = df["label"].astype("int64")
+    df = df.sort_values("image_path", kind="mergesort").reset_index(drop=True)
+    return Manifest(df=df, root=root, name=dataset_name(root, name), source="files")

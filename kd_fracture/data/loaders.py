@@ -12,11 +12,14 @@ import pandas as pd
 from kd_fracture.config import AugConfig, DataConfig, PhantomConfig
 from kd_fracture.data.dataset import ImageCache, XrayDataset, make_loader
 from kd_fracture.data.folds import inner_val_split, load_or_make_folds, study_ids_to_rows
+from kd_fracture.data.imageio import set_window_percentiles
 from kd_fracture.data.manifest import Manifest, dataset_name, load_manifest
 
 
 def resolve_manifest(cfg: DataConfig) -> Manifest:
-    """`cfg.root` → its manifest; no root → the synthetic phantom (generated once into the cache dir)."""
+    """`cfg.root` → its manifest; no root → the synthetic phantom (generated once into the cache dir). Also makes
+    cfg.window_percentiles this process's rule for high-bit-depth images (imageio.set_window_percentiles)."""
+    set_window_percentiles(cfg.window_percentiles)
     if cfg.root is None:
         return load_manifest(phantom_root(cfg.phantom), verify_images=cfg.verify_images, name=cfg.name)
     return load_manifest(cfg.root, verify_images=cfg.verify_images, name=cfg.name)

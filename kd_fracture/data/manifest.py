@@ -53,7 +53,7 @@ FOLDER_CLASSES = {
     "fractured": 1, "positive": 1, "abnormal": 1,
     "not_fractured": 0, "notfractured": 0, "negative": 0, "normal": 0,
 }
-FOLDER_LAYOUT = "ROOT/{train,val,test}/{fractured,not_fractured}/*.{png,jpg,jpeg,dcm}"
+FOLDER_LAYOUT = "ROOT/{train,val,test}/{fractured,not_fractured}/*.{png,jpg,jpeg,tif,tiff,dcm}"
 
 _HEADER_FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_ ]*")  # `path`, `image_path`, `Label`: words, no '/' or '.'
 
@@ -98,9 +98,10 @@ def load_manifest(data: str | Path, verify_images: bool = False, name: str | Non
     return loader(root, verify_images=verify_images, name=name)
 
 
-def detect_source(data: Path) -> tuple[str, Path]:
+def detect_source(data: Path, flat: bool = False) -> tuple[str, Path]:
     """("mura", ROOT) if `data` is ROOT or ROOT/MURA-v1.1 with the MURA CSVs; ("folder", ROOT) if `data` has
-    train/, val/ or test/ sub-folders; DataError otherwise. ROOT is absolute (symlinks kept)."""
+    train/, val/ or test/ sub-folders; otherwise ("files", ROOT) when `flat` (any folder of images, for evaluate),
+    else DataError. ROOT is absolute (symlinks kept)."""
     data = Path(os.path.abspath(data))
     if not data.is_dir():
         raise DataError(f"{data}: data folder not found; pass --data the folder holding {MURA_DIR}/ or train/val/test/")
@@ -115,6 +116,8 @@ def detect_source(data: Path) -> tuple[str, Path]:
         return "mura", data.parent
     if any(p.is_dir() and p.name.lower() in FOLDER_SPLITS for p in data.iterdir()):
         return "folder", data
+    if flat:
+        return "files", data
     raise DataError(
         f"{data}: neither a MURA v1.1 root (no {MURA_DIR}/train_image_paths.csv) nor a folder layout "
         f"(no train/, val/ or test/ folder); expected ROOT/{MURA_DIR}/ with its four CSVs, or {FOLDER_LAYOUT}"
@@ -317,9 +320,11 @@ def _normalise_paths(df: pd.DataFrame, col: str, file: str) -> pd.Series:
 # ---------------------------------------------------------------------------------------------------- folder layout
 
 
-def load_folder(root: Path, verify_images: bool = False, name: str | None = None) -> Manifest:
-    """Load ROOT/{train,val,test}/<class>/**/*.{png,jpg,jpeg,dcm} (and extension-less DICOM files): train+val ->
-    "train" (CV pool), test -> "holdout".
+def load_folder(root: Path, verify_images: bool = False, name: str | None = None,
+                need_splits: Sequence[str] = SPLITS) -> Manifest:
+    """Load ROOT/{train,val,test}/<class>/**/*.{png,jpg,jpeg,tif,tiff,dcm} (and extension-less DICOM files):
+    train+val -> "train" (CV pool), test -> "holdout". Each split in `need_splits` must have images (cv needs both;
+    evaluate, which only scores, passes none, so a folder with only test/ is fine).
 
     Class folders (case-insensitive, ' ' or '-' read as '_'): fractured|positive|abnormal -> 1,
     not_fractured|negative|normal -> 0. No patient ids exist, so each image is its own study and patient
@@ -349,7 +354,7 @@ def load_folder(root: Path, verify_images: bool = False, name: str | None = None
         raise DataError(f"{root}: no images found; expected {FOLDER_LAYOUT}")
     df = pd.DataFrame(records, columns=["image_path", "label", "split"])
     for split, dirs in (("train", "train/ or val/"), ("holdout", "test/")):
-        if not (df["split"] == split).any():
+        if split in need_splits and not (df["split"] == split).any():
             raise DataError(f"{root}: no {split} images (the {split} split comes from {dirs}); "
                             f"expected {FOLDER_LAYOUT}")
     if skipped:

@@ -1,9 +1,11 @@
 """`python -m kd_fracture.evaluate --run runs/NAME --data ROOT`: judge a run's models on another dataset.
 
-The data source is any the project reads (MURA v1.1 CSVs, the folder layout, a synthetic phantom tree); the
-models, image size and eval transform come from the run directory. By default every image of the dataset is
-scored — its CV pool and its holdout split alike, since none of it was seen in training when the dataset is a
-different one (`--split holdout|train` narrows that). Output, by default in `runs/NAME/evaluate/<dataset>/`, has
+The data source is any the project reads (`load_source`): MURA v1.1 CSVs or a synthetic phantom tree, the folder
+layout with any of its splits (a folder with only `test/` is fine: scoring needs no training split), or a flat
+folder of images labelled by their folder names (`fractured/`, `not_fractured/`, MURA `studyN_positive/`), scored as
+one holdout split. The models, image size, image decoding rules and eval transform come from the run directory. By
+default every image of the dataset is scored — its CV pool and its holdout split alike, since none of it was seen in
+training when the dataset is a different one (`--split holdout|train` narrows that). Output, by default in `runs/NAME/evaluate/<dataset>/`, has
 the holdout's shape (docs/design.md §4, §6):
 
     predictions.csv  metrics.json  classification_report.{txt,csv}  summary.md  report.html
@@ -25,8 +27,9 @@ import pandas as pd
 import torch
 
 from kd_fracture import io
+from kd_fracture.data.inputs import load_labelled_folder
 from kd_fracture.data.loaders import SharedCache
-from kd_fracture.data.manifest import SPLITS, Manifest
+from kd_fracture.data.manifest import SPLITS, Manifest, detect_source, load_folder, load_mura
 from kd_fracture.errors import UserError
 from kd_fracture.report import aggregate, figures, html, plots, tables
 from kd_fracture.runs import scoring
@@ -34,6 +37,17 @@ from kd_fracture.runs.models import RunModels
 from kd_fracture.train import engine
 
 SPLIT_CHOICES = (*SPLITS, "all")
+
+
+def load_source(data: str | Path, verify_images: bool = False, name: str | None = None) -> Manifest:
+    """The dataset at `data`: a MURA root; a folder layout with whichever of train/, val/, test/ it has; else any
+    folder of images labelled by folder names (`inputs.load_labelled_folder`, all in the holdout split)."""
+    source, root = detect_source(Path(data), flat=True)
+    if source == "mura":
+        return load_mura(root, verify_images=verify_images, name=name)
+    if source == "folder":
+        return load_folder(root, verify_images=verify_images, name=name, need_splits=())
+    return load_labelled_folder(root, verify_images=verify_images, name=name)
 
 
 def select_rows(manifest: Manifest, split: str) -> pd.DataFrame:
