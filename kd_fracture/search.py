@@ -12,17 +12,31 @@ every epoch (step = fold_index × epochs + epoch) so a pruner can stop a weak tr
 step; WilcoxonPruner (Optuna ≥ 3.6) runs a signed-rank test of the per-step values against the best trial's. The
 objective value is the mean over folds either way.
 
-Storage: `sqlite:///studies/<study>.db` by default; `postgresql://…` / `mysql://…` / `sqlite:///…` become an
-`RDBStorage` with heartbeats, so a trial whose worker died is failed after the grace period and re-enqueued once with
-the same parameters (`RetryHeartbeatStaleTrialCallback`, successor of `RetryFailedTrialCallback`); `journal:PATH` is a
-`JournalStorage` over a lock-protected append-only file (several processes on one machine or NFS, no database).
-Every process on the same storage and study name cooperates: TPE sees all finished trials, and each stops once the
-study holds `n_trials` finished (complete + pruned) trials.
+Storage: `sqlite:///studies/<study>.db` by default (an `RDBStorage`); `journal:PATH` is a `JournalStorage` over a
+lock-protected append-only file (several processes on one machine or NFS, no database); `postgresql://…` /
+`mysql://…` are `RDBStorage`s with heartbeats (several hosts). Every process on the same storage and study name
+cooperates: TPE sees all finished trials, and each stops once the study holds `n_trials` finished (complete + pruned)
+trials.
+
+Dead trials (`reap`): the process running a trial holds a lease on it — on SQLite and Journal storages an
+`io.flock` on `<db>.leases/<study>/<n>.lease` (PID, host, start time), taken under the study's ask lock together
+with the trial's creation, so no trial is ever RUNNING without a held lease unless its process is gone; on
+PostgreSQL/MySQL a heartbeat, since a lock file on one host proves nothing about another. Every `run_search` first
+fails the RUNNING trials whose lease is free (or whose heartbeat is stale) and enqueues each once more with its
+parameters (user attrs `retried_from`, `retry` ≤ `max_retry`).
+
+Determinism under kills (`SeededTPE`): the parameters of the k-th proposal (trials that are not retries, in number
+order) are drawn from RNGs seeded with SeedSequence([sampler_seed, worker, k]) given the finished trials, so a
+search killed and resumed any number of times proposes what the uninterrupted one proposed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +46,7 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
+from optuna.storages._heartbeat import is_heartbeat_enabled  # what Study.optimize asks; not re-exported
 from optuna.trial import TrialState
 
 from kd_fracture import io, metrics
@@ -39,11 +54,14 @@ from kd_fracture.config import DistillConfig, SearchConfig, replace, to_dict
 from kd_fracture.errors import ConfigError, UserError
 
 __all__ = [
+    "Leases",
     "Param",
+    "SeededTPE",
     "apply_params",
     "best_params",
     "check_metric",
     "jsonable",
+    "lease_root",
     "make_objective",
     "make_pruner",
     "make_sampler",
@@ -51,10 +69,14 @@ __all__ = [
     "metric_value",
     "open_study",
     "parse_space",
+    "proposal_index",
+    "reap",
     "redact",
     "run_search",
     "storage_url",
     "suggest",
+    "trial_counts",
+    "trial_seed",
     "write_outputs",
 ]
 
@@ -66,7 +88,7 @@ SEARCHABLE_SECTIONS = ("kd", "train", "student")
 NOT_SEARCHABLE = {
     # changing these would change the cached teacher logits, the folds or where/how a trial runs, not the student
     "kd.views", "kd.teacher_cache", "train.epochs", "train.seed", "train.device", "train.threads", "train.amp",
-    "train.eval_batch_size", "train.monitor", "train.mixup", "train.cutmix", "student.name", "student.in_chans",
+    "train.eval_batch_size", "train.monitor", "train.precision", "train.mixup", "train.cutmix", "student.name", "student.in_chans",
     "student.num_classes", "student.pretrained",
 }
 NO_EFFECT = {
@@ -105,6 +127,15 @@ class Param:
         if self.type == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return trial.suggest_categorical(self.name, list(self.choices))
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """What `suggest` asks for, so `study.ask(fixed_distributions)` draws all parameters when the trial is made."""
+        d = optuna.distributions
+        if self.type == "float":
+            return d.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return d.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return d.CategoricalDistribution(list(self.choices))
 
     def examples(self) -> list:
         """Values that must be valid config values: both bounds, or every choice."""
@@ -260,8 +291,10 @@ def redact(url: str) -> str:
 
 
 def make_storage(url: str, cfg: SearchConfig) -> optuna.storages.BaseStorage:
-    """`journal:PATH` → JournalStorage(JournalFileBackend(PATH)); sqlite/postgresql/mysql URL → RDBStorage with
-    heartbeat and a retry of stale trials. Anything else is a ConfigError."""
+    """`journal:PATH` → JournalStorage(JournalFileBackend(PATH)); sqlite URL → RDBStorage (dead trials are found by
+    their free lease, `lease_root`); postgresql/mysql URL → RDBStorage with a heartbeat every `heartbeat_interval`
+    seconds and `grace_period` (null: 2 × interval) before a silent trial counts as dead. Retries are `reap`'s, not
+    Optuna's callback's. Anything else is a ConfigError."""
     if url.startswith("journal:"):
         path = Path(url[len("journal:"):]).expanduser()
         if not path.name:
@@ -277,14 +310,12 @@ def make_storage(url: str, cfg: SearchConfig) -> optuna.storages.BaseStorage:
                           "mysql://USER@HOST/DB or journal:FILE")
     if dialect == "sqlite" and url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    heartbeat = {} if dialect == "sqlite" else {"heartbeat_interval": cfg.heartbeat_interval,
+                                                 "grace_period": cfg.grace_period}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable in practice
-            retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-            retry_kw = ({"heartbeat_stale_trial_callback": retry_cls(max_retry=cfg.max_retry)} if retry_cls
-                        else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(cfg.max_retry)})
-            return optuna.storages.RDBStorage(url, heartbeat_interval=cfg.heartbeat_interval,
-                                              grace_period=cfg.grace_period, **retry_kw)
+            return optuna.storages.RDBStorage(url, **heartbeat)
     except ImportError as e:
         raise UserError(f"--storage {redact(url)}: database driver missing ({e}); for PostgreSQL install "
                         "'kd_fracture[postgres]' (psycopg 3)") from None
@@ -294,23 +325,98 @@ def make_storage(url: str, cfg: SearchConfig) -> optuna.storages.BaseStorage:
                         ) from None
 
 
-def sampler_seed(cfg: SearchConfig, resumed_at: int = 0) -> int:
-    """sampler_seed + worker for a new study: workers sharing a study draw different random start-up trials (with
-    one seed, two workers proposed the same first parameters). A process that joins a study already holding
-    `resumed_at` trials seeds from (sampler_seed, worker, resumed_at) instead: with the first seed it would replay
-    the start-up draws of the process that began the study and repeat a finished trial's parameters."""
-    if resumed_at == 0:
-        return cfg.sampler_seed + cfg.worker
-    return int(np.random.SeedSequence([cfg.sampler_seed, cfg.worker, resumed_at]).generate_state(1)[0])
+def lease_root(url: str) -> Path | None:
+    """Where the trial leases of a storage live: `sqlite:///DIR/X.db` → DIR/X.db.leases, `journal:PATH` →
+    PATH.leases; None for in-memory storages (nothing outlives the process) and PostgreSQL/MySQL (several hosts:
+    a lock file on one proves nothing about another, so their heartbeat decides)."""
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):]).expanduser()
+    elif url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = Path(url[len("sqlite:///"):]).expanduser()
+    else:
+        return None
+    return path.with_name(path.name + ".leases")
 
 
-def make_sampler(cfg: SearchConfig, resumed_at: int = 0) -> optuna.samplers.BaseSampler:
-    """TPE (Bergstra et al. 2011), seeded per worker and resume point (`sampler_seed`); `n_startup_trials` random
-    trials first, like the pruner's startup. The seed is kept as `sampler.kd_seed` (recorded in every trial)."""
-    seed = sampler_seed(cfg, resumed_at)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, cfg.n_startup_trials))
-    sampler.kd_seed = seed
-    return sampler
+class Leases:
+    """The lease files of one study: `<root>/<quoted study name>/<n>.lease` per trial (an `io.flock` held by the
+    process running trial n) and `.ask.lock` (held while a trial is created and leased, and while dead trials are
+    reaped, so a reaper never sees a live trial before its lease is taken)."""
+
+    def __init__(self, root: Path, study: str):
+        self.dir = Path(root) / urllib.parse.quote(study, safe="")
+
+    def path(self, number: int) -> Path:
+        return self.dir / f"{number}.lease"
+
+    @contextlib.contextmanager
+    def asking(self):
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / ".ask.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits: held only while one trial is asked for or the dead are reaped
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def hold(self, number: int):
+        """Trial `number`'s lease for the `with` block; the file goes when the trial is told."""
+        with io.flock(self.path(number)):
+            try:
+                yield
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path(number).unlink()
+
+
+def trial_seed(sampler_seed: int, worker: int, k: int) -> int:
+    """The sampler seed of the k-th proposal of worker `worker` (k = 0, 1, … counts trials that are not retries)."""
+    if min(sampler_seed, worker) < 0:
+        raise ConfigError(f"search.sampler_seed={sampler_seed}, search.worker={worker}: both must be ≥ 0")
+    return int(np.random.SeedSequence([sampler_seed, worker, k]).generate_state(1)[0])
+
+
+def sampler_seed(cfg: SearchConfig, k: int = 0) -> int:
+    """`trial_seed` of this worker's k-th proposal."""
+    return trial_seed(cfg.sampler_seed, cfg.worker, k)
+
+
+def proposal_index(trials: Sequence[optuna.trial.FrozenTrial], trial: optuna.trial.FrozenTrial) -> int:
+    """k of `trial`: the number of earlier trials that are not retries. A retry (user attr `retried_from`) takes
+    the k of the trial it repeats, so its draws are that trial's even when it lost its parameters in the kill."""
+    by_number = {t.number: t for t in trials}
+    origin = trial
+    while origin.user_attrs.get("retried_from") in by_number and origin.user_attrs["retried_from"] < origin.number:
+        origin = by_number[origin.user_attrs["retried_from"]]
+    return sum(t.number < origin.number and "retried_from" not in t.user_attrs for t in trials)
+
+
+class SeededTPE(optuna.samplers.TPESampler):
+    """TPE (Bergstra et al. 2011) whose two RNGs (TPE's own and its random start-up sampler's) are reseeded before
+    every trial from (sampler_seed, worker, k), k = `proposal_index`: the k-th proposal depends only on those and on
+    the finished trials, never on how often the search was killed and resumed or on failed trials in between (a
+    killed trial is retried with its parameters and is no proposal). The trial's seed is kept as `kd_seed`."""
+
+    def __init__(self, cfg: SearchConfig):
+        super().__init__(seed=sampler_seed(cfg), n_startup_trials=max(1, cfg.n_startup_trials))
+        self.base = (cfg.sampler_seed, cfg.worker)
+        self.kd_seed = sampler_seed(cfg)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        k = proposal_index(study.get_trials(deepcopy=False), trial)
+        self.kd_seed = trial_seed(*self.base, k)
+        self._rng.rng.seed(self.kd_seed)
+        self._random_sampler._rng.rng.seed(self.kd_seed)
+        super().before_trial(study, trial)
+
+
+def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    """`SeededTPE`: `n_startup_trials` random trials first, like the pruner's startup; seeded per worker and
+    proposal (`trial_seed`, recorded in every trial as user attr `sampler_seed`)."""
+    return SeededTPE(cfg)
 
 
 def check_pruner(cfg: SearchConfig, steps: int) -> None:
@@ -343,13 +449,15 @@ def open_study(cfg: SearchConfig, storage: str | optuna.storages.BaseStorage | N
     `fingerprint` (JSON-able settings that change what a trial's value means: teacher checkpoints, metric, search
     folds and epochs, space, …) is stored as the study's user attribute `kd_fracture`; loading a study made with a
     different fingerprint is an error, so trials of two different experiments never share one TPE model.
+    A storage given as a URL (or None) gets trial leases when it is SQLite or Journal (`lease_root`).
     """
+    root = None
     if storage is None or isinstance(storage, str):
-        storage = make_storage(storage_url(storage, cfg.study, studies_dir), cfg)
+        url = storage_url(storage, cfg.study, studies_dir)
+        storage, root = make_storage(url, cfg), lease_root(url)
     study = optuna.create_study(study_name=cfg.study, storage=storage, direction="maximize",
                                 sampler=make_sampler(cfg), pruner=make_pruner(cfg), load_if_exists=True)
-    if study.trials:  # joining or resuming: a fresh seed, so the start-up draws are not replayed
-        study.sampler = make_sampler(cfg, resumed_at=len(study.trials))
+    study.kd_leases = None if root is None else Leases(root, cfg.study)  # read by run_search and reap
     if study.metric_names is None:  # the dashboard and trials.csv name the objective instead of "Objective 0"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -413,6 +521,7 @@ def make_objective(space: Mapping[str, Param], folds: Sequence[int], score_fold:
             trial.set_user_attr(f"fold{k}", value)
         return float(np.mean(scores))
 
+    objective.space = dict(space)  # run_search draws these when it creates a trial (see run_search)
     return objective
 
 
@@ -421,35 +530,156 @@ def count_finished(study: optuna.Study) -> int:
 
 
 def run_search(study: optuna.Study, objective: Callable[[optuna.Trial], float], cfg: SearchConfig,
-               catch: Iterable[type[Exception]] = (), callbacks: Sequence[Callable] = ()) -> int:
+               catch: Iterable[type[Exception]] = (), callbacks: Sequence[Callable] = (),
+               on_reaped: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> int:
     """Run trials until the study holds `cfg.n_trials` finished (complete + pruned) trials, all workers together,
     or `cfg.timeout` seconds pass. A failed trial does not count: another one is started in its place, until
     `cfg.n_trials` trials of this process have failed (then the failures are the problem, not the budget).
 
+    First, and before every trial, dead trials are reaped (`reap`; `on_reaped(trial)` removes their leftovers).
+    Each trial is created, given all of `objective.space`'s parameters (`make_objective` sets it) and leased in one
+    step under the study's ask lock, then run under its lease (SQLite/Journal) or heartbeat (PostgreSQL/MySQL).
     Returns the number of trials this process started. A rerun of a finished study starts none. Exceptions in
-    `catch` fail only their trial (e.g. a non-finite loss at an extreme learning rate). Each trial records its
-    worker index and sampler seed as user attributes.
+    `catch` fail only their trial (e.g. a non-finite loss at an extreme learning rate); Ctrl-C leaves the trial
+    RUNNING with its lease released, so the next start reaps and retries it like a killed one. Each trial records
+    its worker index and sampler seed as user attributes; `callbacks(study, frozen_trial)` run after each.
     """
-    def attributed(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", cfg.worker)
-        trial.set_user_attr("sampler_seed", getattr(study.sampler, "kd_seed", sampler_seed(cfg)))
-        return objective(trial)
+    space = getattr(objective, "space", None)
+    distributions = {name: p.distribution() for name, p in space.items()} if space else None
+    leases: Leases | None = getattr(study, "kd_leases", None)
+    asking = leases.asking if leases is not None else contextlib.nullcontext
+    with asking():
+        reap(study, cfg, space, on_reaped)  # also when the study is complete: no trial stays RUNNING for good
 
     started, failed, t0 = 0, 0, time.monotonic()
-    stop = optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED)
-    while (remaining := cfg.n_trials - count_finished(study)) > 0 and failed < cfg.n_trials:
-        left = None if cfg.timeout is None else cfg.timeout - (time.monotonic() - t0)
-        if left is not None and left <= 0:
+    while count_finished(study) < cfg.n_trials and failed < cfg.n_trials:
+        if cfg.timeout is not None and time.monotonic() - t0 >= cfg.timeout:
             break
-        before = {t.number for t in study.get_trials(deepcopy=False)}
-        study.optimize(attributed, n_trials=remaining, timeout=left, catch=tuple(catch),
-                       callbacks=[stop, *callbacks], gc_after_trial=True)
-        mine = [t for t in study.get_trials(deepcopy=False) if t.number not in before]
-        started += len(mine)
-        failed += sum(t.state == TrialState.FAIL for t in mine)
-        if not mine:
-            break
+        with contextlib.ExitStack() as held:
+            with asking():
+                reap(study, cfg, space, on_reaped)
+                if count_finished(study) >= cfg.n_trials:
+                    break
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize"
+                    trial = study.ask(distributions)
+                if leases is not None:
+                    held.enter_context(leases.hold(trial.number))
+            held.enter_context(_heartbeat(study, trial))
+            trial.set_user_attr("worker", cfg.worker)
+            trial.set_user_attr("sampler_seed", getattr(study.sampler, "kd_seed", sampler_seed(cfg)))
+            frozen = _run_trial(study, trial, objective, tuple(catch))
+        started += 1
+        failed += frozen.state == TrialState.FAIL
+        for callback in callbacks:
+            callback(study, frozen)
     return started
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float],
+               catch: tuple[type[Exception], ...]) -> optuna.trial.FrozenTrial:
+    """objective(trial) → told COMPLETE / PRUNED (value: its last report) / FAIL (an exception in `catch`, or a
+    non-finite value); any other exception fails the trial and is raised (as `study.optimize` does)."""
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        return study.tell(trial, state=TrialState.PRUNED)
+    except catch as e:
+        _log_warning(f"trial {trial.number} failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        return study.tell(trial, state=TrialState.FAIL)
+    except Exception:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a NaN value fails the trial; logged below
+        frozen = study.tell(trial, value)
+    if frozen.state == TrialState.FAIL:
+        _log_warning(f"trial {trial.number} failed: its value {value!r} is not a finite number")
+    return frozen
+
+
+def _log_warning(message: str) -> None:
+    optuna.logging.get_logger("optuna").warning(message)
+
+
+@contextlib.contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """RDB storages with a heartbeat (PostgreSQL/MySQL): record the trial's heartbeat every interval while it runs,
+    as `study.optimize` would; nothing for the others."""
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial._trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-trial-{trial.number}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def reap(study: optuna.Study, cfg: SearchConfig, space: Mapping[str, Param] | None = None,
+         on_reaped: Callable[[optuna.trial.FrozenTrial], None] | None = None) -> list[int]:
+    """Fail the study's RUNNING trials whose worker is gone and enqueue each once more with its parameters.
+
+    Gone = its lease can be taken (SQLite/Journal: no live process holds `<n>.lease`; the caller holds the ask
+    lock) or its heartbeat is older than the grace period (PostgreSQL/MySQL). A reaped trial gets user attr
+    `reaped` (lease storages) and FAIL; its retry is a WAITING trial with the same parameters (all of them, or
+    none when the kill came before `space` was fully drawn: then the retry redraws them with the same seed) and
+    user attrs `retried_from` = its number, `retry` = how many times this setting has been retried (at most
+    `cfg.max_retry`). No retry is enqueued once the study holds `n_trials` finished trials. `on_reaped(trial)`
+    runs for every reaped trial (distill removes its folder). Returns the reaped trial numbers.
+    """
+    storage = study._storage
+    leases: Leases | None = getattr(study, "kd_leases", None)
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    dead: list[int] = []
+    if leases is not None:
+        for t in running:
+            try:
+                with io.flock(leases.path(t.number)):
+                    # still RUNNING with its lease free: dead (else it was told between our listing and now)
+                    if storage.get_trial(t._trial_id).state == TrialState.RUNNING:
+                        storage.set_trial_user_attr(t._trial_id, "reaped", "its worker is gone (lease free)")
+                        storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+                        dead.append(t.number)
+            except io.LockedError:
+                continue  # a live process holds it
+            leases.path(t.number).unlink(missing_ok=True)
+    elif is_heartbeat_enabled(storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # the storage has no stale-trial callback: retries are ours
+        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        dead = [t.number for t in running if states.get(t.number) == TrialState.FAIL]
+    if not dead:
+        return []
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for n in dead:
+        trial = by_number[n]
+        retry = int(trial.user_attrs.get("retry", 0)) + 1
+        if retry <= cfg.max_retry and count_finished(study) < cfg.n_trials:
+            params = dict(trial.params) if space is None or set(trial.params) == set(space) else {}
+            study.enqueue_trial(params, user_attrs={"retried_from": n, "retry": retry})
+            what = f"retried with the same parameters ({retry} of {cfg.max_retry})"
+        else:
+            what = "not retried" + (f" (max_retry={cfg.max_retry} reached)" if retry > cfg.max_retry else
+                                    " (the study is complete)")
+        _log_warning(f"study '{study.study_name}': trial {n} was RUNNING but its worker is gone: failed, {what}")
+        if on_reaped is not None:
+            on_reaped(trial)
+    return dead
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -457,17 +687,25 @@ def run_search(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
 
 
 def best_params(study: optuna.Study) -> dict[str, Any] | None:
-    """{"trial", "value", "params", counts…} of the best complete trial, or None when no trial completed."""
+    """{"trial", "value", "params", `trial_counts`…} of the best complete trial, or None when none completed."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     complete = [t for t in complete if t.value is not None and math.isfinite(t.value)]
     if not complete:
         return None
     best = max(complete, key=lambda t: (t.value, -t.number))
-    states = [t.state for t in study.get_trials(deepcopy=False)]
     return {"study": study.study_name, "trial": best.number, "value": best.value, "params": dict(best.params),
-            "fold_values": {k: v for k, v in best.user_attrs.items() if k.startswith("fold")},
-            "n_complete": states.count(TrialState.COMPLETE), "n_pruned": states.count(TrialState.PRUNED),
-            "n_failed": states.count(TrialState.FAIL)}
+            "fold_values": {k: v for k, v in best.user_attrs.items() if k.startswith("fold")}, **trial_counts(study)}
+
+
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """n_complete, n_pruned, n_failed (of which n_reaped: RUNNING trials whose worker was gone), n_retried (trials
+    that repeated a reaped one's parameters), n_running, n_waiting — for best_params.yaml and summary.md."""
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    return {"n_complete": states.count(TrialState.COMPLETE), "n_pruned": states.count(TrialState.PRUNED),
+            "n_failed": states.count(TrialState.FAIL), "n_reaped": sum("reaped" in t.user_attrs for t in trials),
+            "n_retried": sum("retried_from" in t.user_attrs for t in trials),
+            "n_running": states.count(TrialState.RUNNING), "n_waiting": states.count(TrialState.WAITING)}
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -479,6 +717,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     if named and "value" not in df:
         df = df.rename(columns={named[0]: "value"})
         df.insert(df.columns.get_loc("value") + 1, "metric", named[0][len("value_"):])
+    for column in ("user_attrs_reaped", "user_attrs_retried_from"):  # always there, so dead and retried count
+        if column not in df and len(df):
+            df[column] = None
     return df
 
 

@@ -109,8 +109,11 @@ def test_storage_urls_and_backends(tmp_path):
     journal = search.make_storage(f"journal:{tmp_path / 'j' / 'kd.journal'}", SearchConfig())
     assert isinstance(journal, optuna.storages.JournalStorage)
     rdb = search.make_storage(sqlite(tmp_path, "sub/x.db"), SearchConfig(heartbeat_interval=7, max_retry=2))
-    assert isinstance(rdb, optuna.storages.RDBStorage) and rdb.heartbeat_interval == 7
-    assert rdb.get_heartbeat_stale_trial_callback() is not None  # stale trials are re-enqueued
+    # SQLite: dead trials are found by their free lease (one host), not by a heartbeat
+    assert isinstance(rdb, optuna.storages.RDBStorage) and rdb.heartbeat_interval is None
+    assert search.lease_root(sqlite(tmp_path, "sub/x.db")) == tmp_path / "sub" / "x.db.leases"
+    assert search.lease_root(f"journal:{tmp_path / 'kd.journal'}") == tmp_path / "kd.journal.leases"
+    assert search.lease_root("postgresql+psycopg://u@db/kd") is None  # several hosts: the heartbeat decides
     assert (tmp_path / "sub" / "x.db").exists()
     with pytest.raises(ConfigError, match="use sqlite:///"):
         search.make_storage("redis://localhost", SearchConfig())
@@ -145,7 +148,7 @@ def test_rerun_on_same_sqlite_continues_the_study(tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in trials)
     value = first[0][2]
     assert trials[0].user_attrs == {"fold0": pytest.approx(value - 0.05), "fold1": pytest.approx(value + 0.05),
-                                    "worker": 0, "sampler_seed": 0}
+                                    "worker": 0, "sampler_seed": search.trial_seed(0, 0, 0)}
 
 
 def test_worse_trial_is_pruned_after_first_fold(tmp_path):
@@ -344,7 +347,8 @@ def test_each_worker_seeds_its_sampler_and_records_it():
         study = search.open_study(cfg, memory())
         search.run_search(study, search.make_objective(search.parse_space(SPACE), [0], one_epoch(stub_score), 1), cfg)
         trial = study.trials[0]
-        assert trial.user_attrs["worker"] == worker and trial.user_attrs["sampler_seed"] == 7 + worker
+        assert trial.user_attrs["worker"] == worker
+        assert trial.user_attrs["sampler_seed"] == search.trial_seed(7, worker, 0)
         first.append(trial.params)
     assert first[0] != first[1]
 
@@ -369,4 +373,64 @@ def test_a_resumed_search_never_repeats_a_finished_trial(tmp_path):
     params = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(params) == 6 and len(set(params)) == 6
     seeds = [t.user_attrs["sampler_seed"] for t in study.trials]
-    assert seeds[:2] == [0, 0] and len(set(seeds)) == 3  # a new study keeps seed 0 (reproducible)
+    assert seeds == [search.trial_seed(0, 0, k) for k in range(6)]  # one seed per proposal, however it was resumed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# issue #15: a search killed and resumed proposes what the uninterrupted one proposed
+
+
+def _interrupted_at(calls_to_interrupt):
+    """A fold scorer that raises KeyboardInterrupt (what a kill looks like to the study: the trial stays RUNNING and
+    its lease is released) on the given call numbers, else scores like `stub_score`, pruning included."""
+    calls = []
+
+    def score_fold(trial, params, fold, report_epoch):
+        calls.append(trial.number)
+        if len(calls) in calls_to_interrupt:
+            raise KeyboardInterrupt
+        value = stub_score(trial, params, fold)
+        report_epoch(0, value)
+        return value
+
+    return score_fold
+
+
+@pytest.mark.parametrize("pruner", ["median", "none"])
+def test_a_search_killed_and_resumed_proposes_what_an_uninterrupted_one_proposed(tmp_path, pruner):
+    space = search.parse_space(SPACE)
+    # 2 random trials, then 4 TPE; calls 5 and 6 kill a trial and then its retry (max_retry 2 allows both)
+    cfg = SearchConfig(study="k", n_trials=6, space=SPACE, n_startup_trials=2, pruner=pruner, max_retry=2)
+    finished = {}
+    for name, kills in (("straight", ()), ("killed", (2, 5, 6, 11))):
+        objective = search.make_objective(space, [0, 1], _interrupted_at(kills), 1)
+        for _ in range(len(kills) + 1):  # rerun after every kill until the study is complete
+            study = search.open_study(cfg, sqlite(tmp_path, f"{name}.db"))
+            try:
+                search.run_search(study, objective, cfg)
+            except KeyboardInterrupt:
+                continue
+        study = search.open_study(cfg, sqlite(tmp_path, f"{name}.db"))
+        search.run_search(study, objective, cfg)
+        finished[name] = [(t.params, t.state, t.value) for t in study.get_trials(states=search.FINISHED)]
+        states = [t.state for t in study.trials]
+        assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+        if kills:
+            assert states.count(TrialState.FAIL) == len(kills)
+            assert sum("retried_from" in t.user_attrs for t in study.trials) == len(kills)
+    assert finished["killed"] == finished["straight"]  # same parameters, same order, same values and prunings
+    params = [tuple(sorted(p.items())) for p, _, _ in finished["killed"]]
+    assert len(params) == 6 and len(set(params)) == 6
+
+
+def test_proposal_index_skips_retries_and_follows_them_to_their_origin():
+    from optuna.trial import create_trial
+
+    def trial(number, state=TrialState.COMPLETE, **attrs):
+        t = create_trial(state=state, value=0.0 if state == TrialState.COMPLETE else None, user_attrs=attrs)
+        t.number = number
+        return t
+
+    trials = [trial(0), trial(1, TrialState.FAIL), trial(2, retried_from=1, retry=1),
+              trial(3, TrialState.FAIL), trial(4, retried_from=2, retry=2), trial(5)]
+    assert [search.proposal_index(trials, t) for t in trials] == [0, 1, 1, 2, 1, 3]

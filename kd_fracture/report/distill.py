@@ -187,7 +187,7 @@ def write_summary(out: RunDir, teacher: TeacherRun, cfg: DistillConfig, params: 
         values = ", ".join(f"`{k}` = {_fmt(v)}" for k, v in chosen.items()) or "(config defaults)"
         search_lines.append(
             f"- `{name}` (study `{cfg.search.study}/{name}`): " + (
-                f"{best['n_complete']} complete, {best['n_pruned']} pruned, {best['n_failed']} failed trials; best "
+                f"{best['n_complete']} complete, {best['n_pruned']} pruned, {_failed(best)} trials; best "
                 f"trial {best['trial']}, inner-val {cfg.search.metric} {best['value']:.3f}; " if best else
                 "no search; ") + values)
     if onnx_info.get("student.onnx"):
@@ -229,6 +229,13 @@ def write_summary(out: RunDir, teacher: TeacherRun, cfg: DistillConfig, params: 
              "## Export", "", onnx_text, "", "## Files", "",
              tables.markdown_link_list(out.path, [*written, *plots]), ""]
     io.write_text(out.summary, "\n".join(lines))
+
+
+def _failed(best: dict) -> str:
+    """"2 failed (1 whose worker died), 1 retried" from best_params.yaml's counts (older files lack the last two)."""
+    reaped, retried = best.get("n_reaped", 0), best.get("n_retried", 0)
+    return (f"{best['n_failed']} failed" + (f" ({reaped} whose worker died)" if reaped else "")
+            + f", {retried} retried")
 
 
 def _fmt(v: Any) -> str:
