@@ -55,6 +55,9 @@ class DataConfig:
     """Decode and resize every image once into RAM (uint8, img_size²) so later epochs skip PNG decoding."""
     num_workers: int = 0
     manifests_dir: str = "data_manifests"
+    window_percentiles: tuple = (0.5, 99.5)
+    """(low, high) percentiles of a 16-bit, 32-bit or float image's values that become 0 and 255 when it is read as
+    uint8 (clipped outside); 0 ≤ low < high ≤ 100. 8-bit images and DICOM (its own VOI window) are not affected."""
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
 
@@ -126,7 +129,11 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available) | cpu | cuda | cuda:N."""
     amp: bool = True
-    """Mixed precision on CUDA (ignored on CPU)."""
+    """Mixed precision on CUDA: bf16 autocast where the GPU supports it, else fp16 with a gradient scaler."""
+    precision: str = "auto"
+    """auto | fp32 | bf16. On CPU, auto uses bf16 autocast when the CPU has native bf16 (avx512_bf16 or AMX) and
+    fp32 elsewhere; bf16 forces it (emulated, slow, on CPUs without it). On CUDA, fp32 turns amp off; auto and bf16
+    follow amp. The resolved precision is recorded in env.json and in the teacher-logit cache key."""
     channels_last: bool = True
     """channels_last (NHWC) memory format for model and inputs; faster on CUDA and on CPU (oneDNN)."""
     threads: int | None = None
@@ -255,7 +262,7 @@ class SearchConfig:
     sampler_seed: int = 0
     worker: int = 0
     """Index of this search process among the workers sharing the study (distill --worker N): its TPE sampler is
-    seeded with sampler_seed + worker."""
+    reseeded per trial from (sampler_seed, worker, k-th proposal) (search.SeededTPE)."""
     pruner: str = "median"
     """median | wilcoxon | none."""
     metric: str = "study_auroc"
@@ -270,11 +277,11 @@ class SearchConfig:
     """Epochs per fold inside the search (null = train.epochs); short trials rank settings, final students train
     the full train.epochs."""
     heartbeat_interval: int = 60
-    """RDB storages (sqlite, postgresql, mysql): seconds between a running trial's heartbeats."""
+    """PostgreSQL/MySQL storages: seconds between a running trial's heartbeats (SQLite/Journal use trial leases)."""
     grace_period: int | None = None
     """Seconds without a heartbeat after which a trial counts as dead and is retried (null = 2 × heartbeat)."""
     max_retry: int = 1
-    """How often a dead (stale-heartbeat) trial is re-enqueued with the same parameters."""
+    """How often a dead trial (worker gone: lease free or heartbeat stale) is re-enqueued with the same parameters."""
     space: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_SEARCH_SPACE))
     """Parameter → {type: float|int|categorical, low, high, log, step, choices}; keys are kd.* / train.* /
     student.* paths (student.overrides.NAME for HybridConfig fields)."""

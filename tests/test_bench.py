@@ -33,7 +33,7 @@ def test_quick_run_writes_every_benchmark_with_a_complete_schema(quick_run):
     assert rc == 0
     report = json.loads((out / "results.json").read_text())
     assert report["schema_version"] == common.SCHEMA_VERSION
-    assert list(report["benchmarks"]) == list(bench.BENCHMARKS)
+    assert list(report["benchmarks"]) == list(bench.ALL)  # --quick runs the long benchmarks too, at tiny sizes
     env = report["environment"]
     assert env["torch_threads"] == 1 and env["versions"]["torch"] and env["cpu_count"] >= 1
     assert report["settings"]["repeats"] == common.QUICK.repeats
@@ -42,19 +42,62 @@ def test_quick_run_writes_every_benchmark_with_a_complete_schema(quick_run):
         assert entry["figures"], f"{name} reported no figure"
         for fig in entry["figures"]:
             assert {"value", "target", "met", "unit", "op", "id", "name"} <= fig.keys(), (name, fig)
-            assert isinstance(fig["met"], bool) and fig["unit"] and fig["op"] in ("<=", ">=")
-            assert isinstance(fig["value"], (int, float)) and isinstance(fig["target"], (int, float))
+            assert fig["unit"] and fig["op"] in ("<=", ">=") and isinstance(fig["target"], (int, float))
+            ids.append(fig["id"])
+            if fig["met"] == common.NOT_SUPPORTED:  # e.g. bf16 on a CPU without native bf16: recorded, not a miss
+                assert fig["value"] is None and fig["note"], (name, fig)
+                continue
+            assert isinstance(fig["met"], bool)
+            assert isinstance(fig["value"], (int, float))
             assert math.isfinite(fig["value"]) and fig["value"] >= 0, (name, fig)
             assert fig["met"] == (fig["value"] <= fig["target"] if fig["op"] == "<=" else fig["value"] >= fig["target"])
-            ids.append(fig["id"])
         for m in entry["measurements"].values():
             assert set(m) == {"value", "unit"}
     assert len(ids) == len(set(ids)), ids
     # the six items of the issue: pipeline at two sizes, params + latency ratios, pruning saving + gap, scale
     assert {"1a", "1b", "2", "3", "4a", "4b", "4c", "5a", "5b", "6a", "6b"} <= set(ids)
+    # issue 14's figures, at the quick sizes (peer 32/64 px, bf16 32 px, latency 32 px + latency_img_size 64 px)
+    q = common.QUICK
+    assert {*(f"peer_epoch_{px}" for px in q.peer_sizes), "checkpoint_overhead", "student_gflops",
+            "search_teacher_cost", *(f"bf16_{m}_{px}" for m in ("train", "infer") for px in q.bf16_sizes),
+            *(f"student_latency_torch_{px}" for px in (q.latency_small_size, q.latency_img_size))} <= set(ids)
     markdown = (out / "results.md").read_text()
     for fig_id in ids:
         assert f"| {fig_id} |" in markdown
+    search = next(f for f in report["benchmarks"]["search_teacher_cost"]["figures"])
+    per_image = search["details"]["teacher_forwards_per_fold_training_image"]
+    assert per_image["cached"] == 3.0  # V + 1 = 3 passes per training image per fold (kd.views 2)
+    assert per_image["online"] == q.search_trials * q.search_epochs  # one per image per trial epoch (none pruned)
+
+
+def test_long_benchmarks_are_opt_in():
+    assert "search_teacher_cost" in bench.LONG and "search_teacher_cost" not in bench.BENCHMARKS
+    assert set(bench.ALL) == set(bench.BENCHMARKS) | set(bench.LONG)
+
+
+def test_not_supported_figure_is_recorded_not_missed():
+    fig = common.Figure.not_supported("bf16_train_64", "bf16", 1.4, ">=", "×", "no native bf16")
+    d = fig.as_dict()
+    assert d["met"] == common.NOT_SUPPORTED and d["value"] is None and d["note"] == "no native bf16"
+    report = {"environment": {"versions": {"torch": "x"}, "cpu": "cpu", "cpus_usable": 2, "torch_threads": 2,
+                              "omp_wait_policy": "PASSIVE", "num_workers": 0, "load_average_start": [1.0]},
+              "settings": {"latency_threads": 1}, "mode_flag": "", "started": "now", "wall_s": 1.0,
+              "benchmarks": {"bf16": {"figures": [d], "measurements": {}, "notes": []}}}
+    md = bench.format_markdown(report)
+    assert "| bf16_train_64 | bf16 | n/a | >= 1.4 | not supported | × |" in md and "no native bf16" in md
+
+
+def test_call_timer_counts_nested_calls_once_and_restores():
+    import types
+
+    mod = types.SimpleNamespace()
+    mod.inner = lambda: None
+    mod.outer = lambda: mod.inner()
+    original = mod.outer
+    with common.CallTimer([(mod, "outer", "a"), (mod, "inner", "b"), (mod, "absent", "c")]) as timer:
+        mod.outer()
+        mod.inner()
+    assert timer.calls == {"a": 1, "b": 1} and timer.missing and mod.outer is original
 
 
 def test_scale_files_are_removed(quick_run):

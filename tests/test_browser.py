@@ -216,3 +216,59 @@ def test_predict_errors_and_runs_in_a_real_browser(browser, app_url, tiny_phanto
     driver.switch_to.window(main)
     assert get_status(f"{app_url}/api/info") == 200
     assert sorted(p.name for p in shots.iterdir()) == ["bad_file.png", "predict.png", "report.png", "runs.png"]
+
+
+# ---- optuna-dashboard on a study made by the project (issue 13: the metric is named, not "Objective 0")
+
+def _dashboard_text(driver, url: str) -> str:
+    """The rendered text of a study page once its history plot has drawn (the SPA renders after its API calls)."""
+    driver.get(url)
+    wait(driver).until(lambda d: "Intermediate values" in d.execute_script("return document.body.innerText")
+                       and "trial #1" in d.execute_script("return document.body.innerText"))
+    return driver.execute_script("return document.body.innerText")
+
+
+def test_dashboard_names_the_metric_and_shows_per_epoch_curves(browser, tmp_path):
+    import warnings
+
+    import optuna
+
+    from kd_fracture import search
+    from kd_fracture.config import SearchConfig
+
+    db = tmp_path / "studies.db"
+    storage = f"sqlite:///{db}"
+
+    def objective(trial):  # per-epoch reports, as distill's objective makes them (step = fold × epochs + epoch)
+        x = trial.suggest_float("kd.alpha", 0.0, 1.0)
+        for step in range(4):
+            trial.report(x * (step + 1) / 4, step)
+        return x
+
+    warnings.simplefilter("ignore")
+    ours = search.open_study(SearchConfig(study="phantom-resnet50-hybrid_s/kd", metric="study_auroc",
+                                          pruner="none"), storage)
+    ours.optimize(objective, n_trials=3)
+    bare = optuna.create_study(study_name="bare", storage=storage, direction="maximize")  # negative control
+    bare.optimize(objective, n_trials=3)
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kd_fracture.dashboard", "--storage", storage, "--port",
+                             str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while get_status(f"{url}/api/studies") != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, "the dashboard did not come up"
+            time.sleep(0.3)
+        ids = {s.study_name: s._study_id for s in optuna.study.get_all_study_summaries(storage)}
+        named = _dashboard_text(browser, f"{url}/dashboard/studies/{ids[ours.study_name]}")
+        browser.save_screenshot(str(tmp_path / "dashboard_named.png"))
+        unnamed = _dashboard_text(browser, f"{url}/dashboard/studies/{ids['bare']}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert "study_auroc" in named and "Objective 0" not in named
+    assert all(f"trial #{n}" in named for n in range(3))  # the intermediate-value plot has every trial's curve
+    assert "Objective 0" in unnamed and "study_auroc" not in unnamed  # the check can fail

@@ -399,3 +399,19 @@ def test_a_study_has_one_final_writer_but_many_search_workers(teacher_run, tmp_p
         assert distill.main(args) == 2  # the final run waits for the workers
         assert "is being written by PID" in capsys.readouterr().err
         assert distill.main([*args, "--trials-only"]) == 0  # another worker joins
+
+
+def test_a_config_key_added_since_a_variant_was_trained_does_not_retrain_it():
+    """variant.json of a run made before a key existed lacks it: at its default that is no change (it retrained every
+    finished student after an upgrade), any other value or any other difference still is."""
+    from kd_fracture.config import CVConfig, to_dict
+    from kd_fracture.pipelines.distill import stamp_changed
+    from kd_fracture.runs.rundir import flatten_config
+
+    config = flatten_config(to_dict(CVConfig()))
+    new = {"config": config, "kd": {"alpha": 0.5}, "teacher_checkpoints": ["a", "b"]}
+    old = {**new, "config": {k: v for k, v in config.items() if k != "train.precision"}}
+    assert not stamp_changed(old, new, CVConfig)
+    assert stamp_changed(old, {**new, "config": {**config, "train.precision": "bf16"}}, CVConfig)
+    assert stamp_changed(old, {**new, "config": {**config, "train.lr": 1.0}}, CVConfig)
+    assert stamp_changed(old, {**new, "teacher_checkpoints": ["a", "c"]}, CVConfig)

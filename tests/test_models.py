@@ -1,6 +1,8 @@
 """Model factory: hybrid students, timm teachers, local weights files, freezing and Grad-CAM layers."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import safetensors.torch
 import timm
@@ -91,6 +93,56 @@ def test_timm_student_baseline():
     assert model(torch.randn(2, 1, 64, 64)).shape == (2, 1)
     vit = create_student("timm:vit_tiny_patch16_224", in_chans=1, img_size=32)  # img_size reaches models taking it
     assert vit.patch_embed.img_size == (32, 32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")
+def test_channels_last_fast_paths_keep_the_students_math():
+    """On channels_last input (the engine's default) the student runs its wide 1×1 convs as GEMMs and GELU on the
+    NHWC view (student.PointwiseConv2d, GELU2d): the same parameters and state_dict as nn.Conv2d / nn.GELU, the
+    same FLOPs, and the same loss and gradients as the NCHW path up to float32 rounding."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kd_fracture.models.student import GELU2d, PointwiseConv2d
+
+    torch.manual_seed(0)
+    nchw = create_student("hybrid_s", in_chans=1).train()
+    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    kinds = {type(m) for m in nchw.modules()}
+    assert PointwiseConv2d in kinds and GELU2d in kinds
+    assert isinstance(nchw.proj, PointwiseConv2d) and nchw.proj.bias is not None
+    plain = {k for k in nchw.state_dict()}  # keys as nn.Conv2d / nn.GELU would name them
+    assert "proj.weight" in plain and "stages.0.0.block.0.0.weight" in plain and nchw.state_dict().keys() == plain
+
+    x, y = torch.randn(4, 1, 64, 64), torch.tensor([0.0, 1.0, 0.0, 1.0])
+
+    def step(model, image):
+        torch.manual_seed(1)  # the same dropout mask in both arms
+        loss = F.binary_cross_entropy_with_logits(model(image).reshape(-1), y)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    loss_a, grads_a = step(nchw, x)
+    loss_b, grads_b = step(nhwc, x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name, g in grads_a.items():  # atol: biases feeding a BatchNorm have a gradient of 0 up to rounding
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-3, atol=1e-4 * float(g.abs().max()) + 1e-6, msg=name)
+
+    def flops(model, image):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.eval()(image)
+        return {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+
+    fa = flops(nchw, x)
+    fb = flops(nhwc, x.contiguous(memory_format=torch.channels_last))
+    assert sum(fa.values()) == sum(fb.values())  # same work, counted the same way
+    assert fb["aten.convolution"] < fa["aten.convolution"]  # …but the wide 1×1 convs ran as GEMMs
+    with torch.no_grad():  # channels_last feature maps stay channels_last through the conv stages
+        fmap = nhwc.forward_conv(x.contiguous(memory_format=torch.channels_last))
+    assert fmap.is_contiguous(memory_format=torch.channels_last)
+    traced = torch.jit.trace(nhwc.eval(), x.contiguous(memory_format=torch.channels_last))  # as ONNX export traces
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in nhwc.modules())
+    assert str(traced.inlined_graph).count("aten::_convolution(") == n_convs  # exported graphs keep plain Conv nodes
 
 
 # ---------------------------------------------------------------------------------------------------------- teachers
@@ -221,3 +273,20 @@ def test_grad_cam_target_layer_gives_a_spatial_map(name, expected, stride):
 def test_grad_cam_layer_keeps_a_map_of_at_least_7_pixels(img_size, stage):
     model = create_teacher("resnet10t", num_classes=1)
     assert grad_cam_target_layer(model, img_size) is getattr(model, stage)[-1]
+
+
+def test_same_weights_give_the_same_checkpoint_bytes_in_every_process(tmp_path):
+    """safetensors orders a multi-key metadata map at random per process; a resumed fold's identical weights then got
+    another sha256 and distill rebuilt its teacher cache. The checkpoint file must depend only on weights + meta."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from kd_fracture.train.checkpoint import save_weights; from pathlib import Path; "
+            "torch.manual_seed(0); m = torch.nn.Linear(3, 2); "
+            "save_weights(m, Path(sys.argv[1]), {'epoch': 3, 'study_kappa': 0.5, 'a': 1, 'b': 2, 'c': 3})")
+    digests = set()
+    for i in range(2):  # 5 keys: two processes order them alike by chance 1 time in 120
+        path = tmp_path / f"w{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+        digests.add(path.read_bytes())
+    assert len(digests) == 1

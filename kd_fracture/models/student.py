@@ -13,6 +13,11 @@ Layout (MobileViT/CoAtNet-style hybrid; convolutions for local texture, attentio
 The total stride is s = 2 (stem) × 2**len(widths); the default three stages give s = 16. The position embedding
 is computed for the actual token grid on every call, so any image size divisible by s works without interpolation.
 
+Layout: the engine trains in channels_last (NHWC). There the wide 1×1 convolutions run as GEMMs over the NHWC view
+(`PointwiseConv2d`) and GELU runs on the NHWC view (`GELU2d`), and the hand-off to tokens is a view, not a copy.
+Parameters, state_dict and function are those of plain nn.Conv2d / nn.GELU (outputs agree to float32 rounding);
+only the CPU kernels differ (measured in benchmarks/results.md, figure student_gflops).
+
 References: Sandler et al. 2018 (MobileNetV2, inverted residuals); Vaswani et al. 2017 and Dosovitskiy et al. 2021
 (Transformer encoder, ViT pre-norm blocks); Mehta & Rastegari 2022 (MobileViT, conv+transformer hybrids).
 """
@@ -22,6 +27,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models import register_model
 from timm.models.vision_transformer import Block
@@ -87,14 +93,63 @@ STUDENT_REGISTRY: dict[str, HybridConfig] = {
 }
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)  # torch < 2.5 has none
+
+
+def _nhwc(x: Tensor) -> bool:
+    """True for a 4-D tensor stored channels_last (NHWC), not also NCHW-contiguous: the engine's default layout.
+
+    False while exporting or tracing, so an exported graph keeps plain Conv and Gelu nodes whatever the layout.
+    """
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or _is_exporting():
+        return False
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class GELU2d(nn.GELU):
+    """nn.GELU (exact, erf) that runs on the NHWC view of a channels_last feature map.
+
+    Same function and no parameters; only the kernel differs. torch's CPU GELU and its backward take a slower path
+    on a channels_last 4-D tensor than on the identical memory seen as a contiguous (B, H, W, C) tensor.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _nhwc(x):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # views: no copy, stays NHWC
+        return super().forward(x)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1×1, stride-1, ungrouped nn.Conv2d (same parameters and state_dict) that runs as one GEMM over the NHWC view
+    (F.linear) when its input is channels_last and has at least LINEAR_MIN_CHANNELS channels.
+
+    The same product, summed in another order. On AVX2 CPUs the GEMM's forward + backward beat oneDNN's 1×1
+    convolution at the student's small maps with ≥ 64 input channels and lost at the 16- and 32-channel
+    expansions, hence the threshold. NCHW inputs (ONNX export, FLOP counting) take the conv.
+    """
+
+    LINEAR_MIN_CHANNELS = 64
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_channels >= self.LINEAR_MIN_CHANNELS and _nhwc(x):
+            return F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        return super().forward(x)
+
+
+def conv2d(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
+    """nn.Conv2d, or its PointwiseConv2d subclass for a 1×1, stride-1, ungrouped conv (same state_dict keys)."""
+    cls = PointwiseConv2d if kernel == 1 and stride == 1 and groups == 1 else nn.Conv2d
+    return cls(c_in, c_out, kernel, stride, padding=kernel // 2, groups=groups, bias=bias)
+
+
 class ConvBNAct(nn.Sequential):
     """k×k conv (no bias) → BatchNorm → optional GELU."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1, act: bool = True):
         super().__init__(
-            nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, groups=groups, bias=False),
+            conv2d(c_in, c_out, kernel, stride, groups=groups),
             nn.BatchNorm2d(c_out),
-            nn.GELU() if act else nn.Identity(),
+            GELU2d() if act else nn.Identity(),
         )
 
 
@@ -141,7 +196,7 @@ class HybridStudent(nn.Module):
             ]))
             c_in = width
         self.stages = nn.Sequential(*stages)
-        self.proj = nn.Conv2d(c_in, cfg.embed_dim, 1)  # channels → token width D
+        self.proj = conv2d(c_in, cfg.embed_dim, 1, bias=True)  # channels → token width D
         drop_path = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if cfg.depth else []
         self.blocks = nn.Sequential(*[
             Block(cfg.embed_dim, cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, attn_drop=cfg.attn_drop,

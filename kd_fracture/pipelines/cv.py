@@ -47,6 +47,7 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
         if k not in ks:
             raise UserError(f"--fold {k}: folds are numbered 0..{cfg.data.folds - 1}")
     scoring.check_threshold_rule(cfg.eval)
+    precision = engine.resolve_precision(cfg.train.precision, device, cfg.train.amp)
     if not aggregate_only:
         teacher_model(cfg)  # bad model name, --img-size vs. student stride, --pretrained file: fail before writing
     with distributed.main_first():  # rank 0 may generate the phantom and write the folds file; the others read them
@@ -58,7 +59,8 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
                          "its folds and holdout would not match — use a new --out")
     if engine.is_main():
         run.write_config(cfg)
-        run.write_env(cfg.train.seed, str(device), {"dataset": manifest.name, "manifest_sha256": manifest.sha256()})
+        run.write_env(cfg.train.seed, str(device), {"dataset": manifest.name, "manifest_sha256": manifest.sha256(),
+                                                   "precision": precision})
         io.write_csv(run.folds, folds)
     cache = SharedCache(manifest.root, cfg.data.img_size, cfg.data.cache_images)
 

@@ -19,7 +19,8 @@ fold k.
 
 Layout: <teacher_run>/distill/<study>/{config.yaml, env.json, cache/fold_<k>/, search/<variant>/{trials.csv,
 best_params.yaml, plots/}, trials/<variant>/<n>/fold_<k>/{history.csv, metrics.json} (trial checkpoints are deleted
-once the fold is scored), final/<variant>/…, tables/, student.onnx, student_ensemble.onnx, export.json, summary.md}.
+once the fold is scored; a trial whose worker died is removed when the next worker starts and retried, see
+search.reap), final/<variant>/…, tables/, student.onnx, student_ensemble.onnx, export.json, summary.md}.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ from kd_fracture.report.aggregate import aggregate
 from kd_fracture.report.distill import VariantRun, report
 from kd_fracture.runs import scoring
 from kd_fracture.runs.models import TeacherRun, load_teacher_run, variant_name
-from kd_fracture.runs.rundir import RunDir, flatten_config, is_runtime_key
+from kd_fracture.runs.rundir import RunDir, changed_keys, flatten_config, is_runtime_key
 from kd_fracture.train import checkpoint, engine, tasks
 from kd_fracture.train.teacher_cache import LOGITS_FILE, CachedTeacher, OnlineTeacher, TeacherCache, load_or_build
 
@@ -146,6 +147,13 @@ def variant_list(cfg: DistillConfig) -> list[Variant]:
     return out
 
 
+def stamp_changed(old: dict, new: dict, cls: type) -> bool:
+    """A final variant's variant.json differs in what its folds depend on (a config key added to the package since,
+    at its default, is no change: `changed_keys`)."""
+    rest = lambda stamp: {k: v for k, v in stamp.items() if k != "config"}  # noqa: E731
+    return rest(old) != rest(new) or bool(changed_keys(old.get("config", {}), new["config"], cls))
+
+
 class Distiller:
     """Data, teachers and caches of one distillation run; trains and scores students fold by fold."""
 
@@ -178,6 +186,7 @@ class Distiller:
                 self.teacher.cfg.model, self.rows(k).train, self.manifest, self.data, self.aug,
                 views=self.cfg.kd.views, seed=self.seed(self.cfg, k), device=self.device,
                 batch_size=self.teacher.cfg.train.eval_batch_size, amp=self.teacher.cfg.train.amp,
+                precision=self.teacher.cfg.train.precision,
                 image_cache=self.images, desc=f"teacher cache fold {k}")
             if cache.rebuilt:
                 self.clock.cache_built(time.perf_counter() - t0)
@@ -305,8 +314,14 @@ class Distiller:
             value = "—" if trial.value is None else f"{trial.value:.3f}"
             engine.log(f"{v.name} trial {trial.number}: {trial.state.name.lower()}  value {value}")
 
+        def on_reaped(trial: optuna.trial.FrozenTrial) -> None:
+            leftovers = self.out.path / "trials" / v.name / str(trial.number)
+            shutil.rmtree(leftovers, ignore_errors=True)  # a dead worker's half-trained folds and checkpoints
+            engine.log(f"{v.name} trial {trial.number}: its worker is gone; failed, {leftovers} removed")
+
         try:
-            search.run_search(study, objective, scfg, catch=(engine.TrainingError,), callbacks=[on_trial_end])
+            search.run_search(study, objective, scfg, catch=(engine.TrainingError,), callbacks=[on_trial_end],
+                              on_reaped=on_reaped)
         finally:
             bar.close()
         search.write_outputs(study, self.search_dir(v), scfg.metric, url)
@@ -348,7 +363,7 @@ class Distiller:
             "student_start": str(self.student_start(v.cfg) or "random init"),
             "teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)]})
         stamp_path = run.path / "variant.json"
-        if stamp_path.exists() and io.read_json(stamp_path) != stamp:
+        if stamp_path.exists() and stamp_changed(io.read_json(stamp_path), stamp, type(vcfg)):
             old = run.path.with_name(run.path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             run.path.rename(old)

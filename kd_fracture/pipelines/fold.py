@@ -79,7 +79,7 @@ def train_and_score_fold(k: int | None, rows: FoldRows, build_model: Callable[[]
     # the inner-val split (never the scored fold) chooses the cut; fold k is scored at it and at 0.5
     inner, out.pred, out.result = scoring.score_fold(model, loader(rows.inner_val, False), rows.inner_val,
                                                      loader(rows.scored, False), rows.scored, device, eval_cfg,
-                                                     train.amp)
+                                                     train.amp, train.precision)
     out.inner = metrics.evaluate(inner, out.result["threshold"])
     io.write_csv(out_dir / "inner_val_predictions.csv", inner)
     io.write_csv(out_dir / "oof_predictions.csv", out.pred)

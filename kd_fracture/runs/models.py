@@ -18,6 +18,7 @@ from torch import nn
 from kd_fracture import io
 from kd_fracture.config import CVConfig, ModelConfig, from_dict, read_yaml, replace
 from kd_fracture.data.loaders import SharedCache, build_loader
+from kd_fracture.data.imageio import set_window_percentiles
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.errors import UserError
 from kd_fracture.models import apply_freeze, create_model
@@ -67,7 +68,8 @@ def ensemble_predict(cfg: CVConfig, run: RunDir, rows: pd.DataFrame, manifest: M
     pred = rows.reset_index(drop=True).copy()
     for k in members:
         model = load(k).to(device)
-        pred[f"prob_fold{k}"] = engine.predict_probs(model, loader, device, cfg.train.amp, desc=f"holdout fold {k}")
+        pred[f"prob_fold{k}"] = engine.predict_probs(model, loader, device, cfg.train.amp, desc=f"holdout fold {k}",
+                                                   precision=cfg.train.precision)
     pred["prob"] = pred[[f"prob_fold{k}" for k in members]].mean(axis=1)
     return pred
 
@@ -180,6 +182,7 @@ def load_run_config(run_path: str | Path) -> tuple[RunDir, CVConfig]:
     if cfg.sweep:
         entries = ", ".join(str(run.path / name) for name in cfg.sweep)
         raise UserError(f"--run {run.path}: is a sweep of several runs; pick one of them: {entries}")
+    set_window_percentiles(cfg.data.window_percentiles)  # its images are decoded as in training
     return run, cfg
 
 

@@ -19,6 +19,7 @@ import yaml
 from kd_fracture import io
 from kd_fracture.config import from_dict, read_yaml, to_dict
 from kd_fracture.errors import UserError
+from kd_fracture.train import engine
 from kd_fracture.train.checkpoint import LAST, sidecar
 
 T = TypeVar("T")
@@ -91,10 +92,7 @@ class RunDir:
         if saved is None:
             return
         old, new = flatten_config(saved), flatten_config(to_dict(cfg))
-        # a key the saved file lacks was added to the package after the run was made: at its default it is no conflict
-        default = flatten_config(to_dict(type(cfg)()))
-        diffs = [k for k in sorted(set(old) | set(new)) if not is_runtime_key(k) and old.get(k) != new.get(k)
-                 and not (k not in old and k in default and new.get(k) == default[k])]
+        diffs = changed_keys(old, new, type(cfg))
         if diffs:
             k = diffs[0]
             raise UserError(f"{self.config}: this run was made with {k}={old.get(k)!r}, now {new.get(k)!r}; "
@@ -145,6 +143,14 @@ def flatten_config(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def changed_keys(old: dict, new: dict, cls: type) -> list[str]:
+    """Keys of two flattened configs of `cls` whose values differ, runtime-only keys excepted. A key the old one
+    lacks was added to the package after the run was made: at its default it is no change."""
+    default = flatten_config(to_dict(cls()))
+    return [k for k in sorted(set(old) | set(new)) if not is_runtime_key(k) and old.get(k) != new.get(k)
+            and not (k not in old and k in default and new.get(k) == default[k])]
+
+
 def is_runtime_key(key: str) -> bool:
     return key in RUNTIME_KEYS or any(key.startswith(r + ".") for r in RUNTIME_KEYS)
 
@@ -170,6 +176,8 @@ def environment(seed: int, device: str) -> dict:
         "seed": seed,
         "device": device,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu": cpu_model(),
+        "cpu_bf16": engine.cpu_bf16_supported(),
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -177,6 +185,17 @@ def environment(seed: int, device: str) -> dict:
         "git_sha": git_sha(),
         "versions": versions,
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else platform.processor(): timings differ 2× between CPU families."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def git_sha() -> str | None:

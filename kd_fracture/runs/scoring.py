@@ -45,15 +45,16 @@ def evaluate_at(pred: pd.DataFrame, threshold: float, rule: str) -> dict:
 
 
 def score_fold(model: nn.Module, inner_loader, inner_rows: pd.DataFrame, scored_loader, scored_rows: pd.DataFrame,
-               device: torch.device, cfg: EvalConfig, amp: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+               device: torch.device, cfg: EvalConfig, amp: bool = True,
+               precision: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Predict the inner-val rows → choose the threshold → score the scored fold at it and at 0.5.
 
     The loaders must not shuffle (rows and loader in the same order). Returns (inner-val predictions, scored-fold
     predictions, `evaluate_at` result + `inner_val_threshold`); the result's `threshold` is the chosen one.
     """
-    inner = inner_rows.assign(prob=engine.predict_probs(model, inner_loader, device, amp))
+    inner = inner_rows.assign(prob=engine.predict_probs(model, inner_loader, device, amp, precision=precision))
     threshold = metrics.choose_threshold(inner, cfg.threshold_rule, cfg.threshold)
-    pred = scored_rows.assign(prob=engine.predict_probs(model, scored_loader, device, amp))
+    pred = scored_rows.assign(prob=engine.predict_probs(model, scored_loader, device, amp, precision=precision))
     return inner, pred, {**evaluate_at(pred, threshold, cfg.threshold_rule), "inner_val_threshold": threshold}
 
 

@@ -11,6 +11,7 @@ Every epoch re-derives its randomness from (seed, epoch) — shuffle order, drop
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -83,8 +84,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = True, channels_last: bool = False,
-                   transform: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str | None = None) -> torch.Tensor:
-    """Raw logits (N, C) in dataset order (the loader must not shuffle)."""
+                   transform: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str | None = None,
+                   precision: str = "auto") -> torch.Tensor:
+    """Raw logits (N, C) in dataset order (the loader must not shuffle); autocast per `resolve_precision`."""
     model.eval()
     out = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress() or desc is None):
@@ -93,7 +95,7 @@ def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = T
             x = transform(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
+        with autocast(device, amp, precision):
             logits = model(x)
         out.append(logits.float().reshape(len(x), -1).cpu())
     return torch.cat(out) if out else torch.empty(0, 1)
@@ -104,10 +106,43 @@ def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = Tr
     return positive_prob(predict_logits(model, loader, device, amp, **kwargs)).numpy()
 
 
-def autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "fp32", "bf16")
+AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_supported() -> bool:
+    """True when the CPU computes bf16 natively (x86 flags avx512_bf16 or amx_bf16 in /proc/cpuinfo, or Arm bf16);
+    elsewhere oneDNN emulates bf16, which is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+
+
+def resolve_precision(precision: str, device: torch.device, amp: bool = True) -> str:
+    """train.precision (+ train.amp on CUDA) → the autocast this process uses: "fp32" | "bf16" | "fp16".
+
+    CPU: auto → bf16 where `cpu_bf16_supported()`, else fp32; bf16 and fp32 as asked (amp is ignored).
+    CUDA: fp32, or amp off → fp32; otherwise bf16 where the GPU supports it, else fp16 (with a GradScaler)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"train.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        if precision == "fp32" or not amp:
+            return "fp32"
+        return "bf16" if precision == "bf16" or torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "auto":
+        return "bf16" if device.type == "cpu" and cpu_bf16_supported() else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, enabled: bool = True, precision: str = "auto"):
+    """The autocast context of `resolve_precision(precision, device, enabled)` (a no-op for fp32)."""
+    resolved = resolve_precision(precision, device, enabled)
+    if resolved == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPE[resolved])
 
 
 def evaluate_rows(model: nn.Module, loader, rows: pd.DataFrame, device: torch.device, amp: bool = True,
@@ -155,7 +190,8 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
                                        step_on_epochs=not cfg.schedule_per_step, updates_per_epoch=steps_per_epoch)
     if cfg.scheduler == "none":
         scheduler = None
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    precision = resolve_precision(cfg.precision, device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")  # bf16 keeps fp32's exponent: no scaling
     train_model = model
     if world_size() > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -197,7 +233,8 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
         distributed.broadcast_buffers(unwrap(model))  # same BatchNorm statistics → same inner-val score on every rank
         if scheduler is not None:
             scheduler.step(epoch + 1)
-        _, result = evaluate_rows(model, val_loader, val_rows, device, cfg.amp, channels_last=cfg.channels_last)
+        _, result = evaluate_rows(model, val_loader, val_rows, device, cfg.amp, channels_last=cfg.channels_last,
+                                  precision=cfg.precision)
         score = metrics.monitor_value(result, cfg.monitor)
         # checkpoint=last: every epoch "improves", so the kept weights are the final epoch's and patience never ends
         # the run early; best_score/best_epoch then describe the last epoch
@@ -247,7 +284,7 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, scaler, cfg
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         if cfg.channels_last:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        with autocast(device, cfg.amp):
+        with autocast(device, cfg.amp, cfg.precision):
             parts = task.losses(model, batch, epoch)
         loss = parts["loss"]
         if not torch.isfinite(loss):

@@ -61,7 +61,7 @@ class TeacherCache:
 
 
 def cache_components(teacher_checkpoint: Path, teacher: ModelConfig, data: DataConfig, aug: AugConfig, views: int,
-                     seed: int, image_paths: list[str]) -> dict:
+                     seed: int, image_paths: list[str], precision: str = "fp32") -> dict:
     """Everything the cached logits depend on (JSON-able); its sha256 is the cache key."""
     import albumentations
 
@@ -77,6 +77,7 @@ def cache_components(teacher_checkpoint: Path, teacher: ModelConfig, data: DataC
         "seed": seed,
         "n_rows": len(image_paths),
         "rows_sha256": io.sha256_bytes("\n".join(image_paths).encode("utf-8")),
+        "precision": precision,  # resolved autocast of the teacher's forward passes (bf16 logits differ from fp32)
     }
 
 
@@ -87,8 +88,8 @@ def _key(components: dict) -> str:
 @torch.inference_mode()
 def compute_teacher_logits(teacher: nn.Module, rows: pd.DataFrame, manifest: Manifest, data: DataConfig,
                            aug: AugConfig, *, in_chans: int, views: int, seed: int, device: torch.device,
-                           batch_size: int = 128, amp: bool = True, image_cache: SharedCache | None = None,
-                           desc: str = "teacher cache") -> torch.Tensor:
+                           batch_size: int = 128, amp: bool = True, precision: str = "auto",
+                           image_cache: SharedCache | None = None, desc: str = "teacher cache") -> torch.Tensor:
     """(N, V+1, C) teacher logits for views 0..V-1 and the clean view of `rows`, through the student's own dataset
     class and seed (train=True, num_views=V), only with the teacher's in_chans."""
     loader = build_loader(rows, manifest, data, aug, train=True, in_chans=in_chans, batch_size=batch_size, seed=seed,
@@ -98,14 +99,16 @@ def compute_teacher_logits(teacher: nn.Module, rows: pd.DataFrame, manifest: Man
         view_loader = make_loader(loader.dataset.with_view(view), batch_size, shuffle=False, seed=seed,
                                   num_workers=data.num_workers)
         name = "clean" if view == CLEAN_VIEW else f"view {view + 1}/{views}"
-        per_view.append(engine.predict_logits(teacher, view_loader, device, amp, desc=f"{desc} {name}"))
+        per_view.append(engine.predict_logits(teacher, view_loader, device, amp, desc=f"{desc} {name}",
+                                                precision=precision))
     return torch.stack(per_view, dim=1).float()  # (N, V+1, C)
 
 
 def load_or_build(cache_dir: str | Path, load_teacher: Callable[[], nn.Module], teacher_checkpoint: Path,
                   teacher: ModelConfig, rows: pd.DataFrame, manifest: Manifest, data: DataConfig, aug: AugConfig, *,
                   views: int, seed: int, device: torch.device, batch_size: int = 128, amp: bool = True,
-                  image_cache: SharedCache | None = None, desc: str = "teacher cache") -> TeacherCache:
+                  precision: str = "auto", image_cache: SharedCache | None = None,
+                  desc: str = "teacher cache") -> TeacherCache:
     """The fold's cached logits if `cache_dir/teacher_logits.safetensors` matches the current key, else rebuilt.
 
     `load_teacher()` is only called when the logits have to be computed. Files: the safetensors tensor "logits" and
@@ -113,7 +116,8 @@ def load_or_build(cache_dir: str | Path, load_teacher: Callable[[], nn.Module], 
     """
     path = Path(cache_dir) / LOGITS_FILE
     rows = rows.reset_index(drop=True)
-    components = cache_components(teacher_checkpoint, teacher, data, aug, views, seed, list(rows["image_path"]))
+    components = cache_components(teacher_checkpoint, teacher, data, aug, views, seed, list(rows["image_path"]),
+                                  engine.resolve_precision(precision, device, amp))
     key = _key(components)
     reason = _stale_reason(path, key, components)
     if reason is None:
@@ -125,7 +129,7 @@ def load_or_build(cache_dir: str | Path, load_teacher: Callable[[], nn.Module], 
         engine.log(f"{desc}: {path} is stale ({reason}); rebuilding")
     model = load_teacher().to(device).eval()
     logits = compute_teacher_logits(model, rows, manifest, data, aug, in_chans=teacher.in_chans, views=views,
-                                    seed=seed, device=device, batch_size=batch_size, amp=amp,
+                                    seed=seed, device=device, batch_size=batch_size, amp=amp, precision=precision,
                                     image_cache=image_cache, desc=desc).clone()  # a normal (not inference) tensor
     with io.atomic_path(path) as tmp:
         save_file({"logits": logits.contiguous()}, str(tmp), metadata={"key": key})
