@@ -4,7 +4,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import replace
 
-from common import Context, Figure, Result, WaitTimer, make_loader, paired, ratio_median, run_epoch, torch_seed, trainer
+from common import (Context, Figure, Result, WaitTimer, forward_flops, make_loader, paired, ratio_median, run_epoch,
+                    torch_seed, train_step_flops, trainer)
 
 
 def run(ctx: Context) -> Result:
@@ -19,7 +20,7 @@ def run(ctx: Context) -> Result:
     import torch
 
     from kd_fracture.config import DistillConfig
-    from kd_fracture.models import create_model, export
+    from kd_fracture.models import create_model
     from kd_fracture.train.tasks import DistillTask
     from kd_fracture.train.teacher_cache import CachedTeacher, OnlineTeacher
 
@@ -59,8 +60,8 @@ def run(ctx: Context) -> Result:
     teacher_s = (statistics.median(times["online"]) - statistics.median(times["cached"])) / n  # per image
     student_s = statistics.median(times["cached"]) / n
     # FLOPs per image: teacher forward (3 ch) vs student training step ≈ 3 × its forward (forward + 2 for backward)
-    teacher_flops = export.count_flops(teacher, 3, s.kd_img_size)
-    student_flops = 3 * export.count_flops(student, dcfg.student.in_chans, s.kd_img_size)
+    teacher_flops = forward_flops(teacher, 3, s.kd_img_size)
+    student_flops = train_step_flops(student, dcfg.student.in_chans, s.kd_img_size)
     res.measure("teacher forward inside the online epoch, per image", 1000 * teacher_s, "ms")
     res.measure("student KD step + data (cached epoch), per image", 1000 * student_s, "ms")
     res.measure("data wait inside the cached epoch, per image", 1000 * statistics.median(waits) / n, "ms")

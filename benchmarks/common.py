@@ -79,37 +79,94 @@ class Settings:
     """Where the scale benchmark's files go (default: /dev/shm when writable, else the system temp dir). On tmpfs
     160k files take ≈ 25 s to create and 8 s to delete; on this machine's ext4 disk (mounted with `discard`),
     deleting 40k files alone took 150 s, so a disk-backed scale dir does not fit the 10-minute budget."""
+    # 4f–4i (student_latency, in student_teacher): batch-1 latency at a second, small size besides latency_img_size
+    latency_small_size: int = 64
+    latency_small_runs: int = 30
+    """Timed batch-1 forward passes at latency_small_size (a 64-px forward is ≈ 12× cheaper than at 224 px)."""
+    # 7. peer_epoch (+ checkpoint_overhead)
+    peer_sizes: tuple[int, ...] = (64, 128)
+    peer_train_images: tuple[int, ...] = (640, 128)
+    peer_val_images: tuple[int, ...] = (160, 32)
+    """Training and inner-validation images per arm and size: a subset of the benchmark phantom's CV pool (cycled),
+    sized so one epoch of an arm takes ≈ 20–40 s at 64 px and less at 128 px on 2 idle cores (ResNet-50 at batch
+    32 trains ≈ 33 img/s at 64 px and ≈ 4× slower per image at 128 px; a default cv fold has ≈ 680 training
+    images)."""
+    # 8. bf16
+    bf16_sizes: tuple[int, ...] = (64, 128)
+    bf16_batch: int = 32
+    bf16_train_batches: tuple[int, ...] = (3, 2)
+    bf16_infer_batches: tuple[int, ...] = (8, 4)
+    bf16_measure_unsupported: bool = False
+    """Time the bf16 arms even where the CPU has no native bf16 (emulated: slower than fp32). The figure is then
+    still "not supported"; the measured ratio goes to its details. --quick does, to run the code path."""
+    # 9. student_gflops
+    gflops_img_size: int = 64
+    gflops_batch: int | None = None
+    """None → distill's default train.batch_size (32); the teacher trains at the same batch."""
+    gflops_batches: int = 2
+    # 10. search_teacher_cost (long: opt-in)
+    search_phantom: str = "default"
+    """default = the project's default phantom (data.phantom: 400 patients, 64-px PNGs; what the default teacher run
+    and distill use) | bench = the benchmark phantom above."""
+    search_img_size: int = 64
+    search_trials: int | None = None
+    search_folds: int | None = None
+    search_epochs: int | None = None
+    """None → the default distill config's (search.n_trials, search.folds, search.epochs)."""
+    search_data_folds: int = 5
+    """Folds of the stand-in teacher run (cv's default data.folds)."""
 
 
 QUICK = Settings(
     repeats=1, phantom_patients=10, phantom_size=128, teacher="resnet10t", student="hybrid_t",
     pipeline_sizes=(32, 64), pipeline_batch=(4, 4), pipeline_batches=(2, 1), cache_img_size=32, cache_batch=8,
     cache_images=16, kd_img_size=32, kd_batch=8, kd_batches=2, kd_views=2, latency_img_size=64,
-    latency_batches=(1, 4), latency_runs=(2, 1), onnx=False, prune_trials=6, prune_seeds=1, scale_rows=(400, 1600))
+    latency_batches=(1, 4), latency_runs=(2, 1), onnx=False, prune_trials=6, prune_seeds=1, scale_rows=(400, 1600),
+    latency_small_size=32, latency_small_runs=3, peer_sizes=(32, 64), peer_train_images=(16, 8),
+    peer_val_images=(8, 4), bf16_sizes=(32,), bf16_batch=4, bf16_train_batches=(1,), bf16_infer_batches=(1,),
+    bf16_measure_unsupported=True, gflops_img_size=32, gflops_batch=4, gflops_batches=1, search_phantom="bench",
+    search_img_size=32, search_trials=2, search_folds=1, search_epochs=1, search_data_folds=2)
+
+
+NOT_SUPPORTED = "not supported"
+"""`Figure.met` of a figure whose feature this machine lacks (e.g. bf16 on a CPU without native bf16): recorded,
+with value None and a note, and not counted as a miss."""
 
 
 @dataclass
 class Figure:
-    """One targeted figure: met = value `op` target."""
+    """One targeted figure: met = value `op` target, or NOT_SUPPORTED when `supported` is False (value None)."""
 
     id: str
     name: str
-    value: float
+    value: float | None
     target: float
     op: str
     """"<=" or ">="."""
     unit: str
     meaning: str = ""
     details: dict = field(default_factory=dict)
+    supported: bool = True
+    note: str = ""
+    """Why the figure is not supported here (or any other one-line remark)."""
 
     @property
-    def met(self) -> bool:
+    def met(self) -> bool | str:
+        if not self.supported or self.value is None:
+            return NOT_SUPPORTED
         return bool(self.value <= self.target if self.op == "<=" else self.value >= self.target)
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "name": self.name, "value": rounded(self.value), "target": rounded(self.target),
-                "op": self.op, "met": self.met, "unit": self.unit, "meaning": self.meaning,
-                "details": rounded(self.details)}
+        out = {"id": self.id, "name": self.name, "value": None if not self.supported else rounded(self.value),
+               "target": rounded(self.target), "op": self.op, "met": self.met, "unit": self.unit,
+               "meaning": self.meaning, "details": rounded(self.details)}
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    @classmethod
+    def not_supported(cls, id: str, name: str, target: float, op: str, unit: str, note: str, **kwargs) -> Figure:
+        return cls(id, name, None, target, op, unit, supported=False, note=note, **kwargs)
 
 
 @dataclass
@@ -246,3 +303,76 @@ def torch_seed(seed: int) -> None:
     import torch
 
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FLOPs and write timing shared by several benchmarks
+
+
+def forward_flops(model, in_chans: int, img_size: int) -> int:
+    """FLOPs of one image's forward pass (`kd_fracture.models.export.count_flops`: torch's counter, 1 MAC = 2)."""
+    from kd_fracture.models import export
+
+    return export.count_flops(model, in_chans, img_size)
+
+
+def train_step_flops(model, in_chans: int, img_size: int) -> int:
+    """FLOPs of one image's training step ≈ 3 × its forward (forward + 2 × for the backward: input and weight
+    gradients). Used by teacher_cache and student_gflops, so their achieved GFLOP/s are counted alike."""
+    return 3 * forward_flops(model, in_chans, img_size)
+
+
+class CallTimer:
+    """Wraps functions (`(owner, attribute)` pairs: a module or class and a name) with a timer while active.
+
+    `seconds[label]` and `calls[label]` accumulate per label; a call made while another wrapped call is running
+    (save_weights → write_sidecar → io.write_json) counts only in the outermost one, so `total` is wall time spent
+    inside wrapped calls with no double counting. Attributes that do not exist are skipped (listed in `missing`).
+    Use as a context manager; the originals are restored on exit."""
+
+    def __init__(self, targets: Sequence[tuple[Any, str, str]]):
+        self.targets = list(targets)  # (owner, attribute, label)
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.missing: list[str] = []
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._depth = 0
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def reset(self) -> None:
+        self.seconds, self.calls = {}, {}
+
+    def _wrap(self, fn: Callable, label: str) -> Callable:
+        import functools
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if self._depth:
+                return fn(*args, **kwargs)
+            self._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t0
+                self.calls[label] = self.calls.get(label, 0) + 1
+        return wrapper
+
+    def __enter__(self) -> CallTimer:
+        for owner, attr, label in self.targets:
+            fn = getattr(owner, attr, None)
+            if fn is None:
+                self.missing.append(f"{getattr(owner, '__name__', owner)}.{attr}")
+                continue
+            self._saved.append((owner, attr, fn))
+            setattr(owner, attr, self._wrap(fn, label))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, fn in reversed(self._saved):
+            setattr(owner, attr, fn)
+        self._saved.clear()

@@ -1,8 +1,10 @@
 """`python benchmarks/run.py`: the project's performance figures, each a ratio measured side by side in one run.
 
-    python benchmarks/run.py                      # all six benchmarks (≈ 3–5 min on 2 busy CPU cores)
-    python benchmarks/run.py --quick              # tiny settings: a smoke run of every code path (≈ 30 s)
+    python benchmarks/run.py                      # every benchmark except the long one (search_teacher_cost)
+    python benchmarks/run.py --long               # … and the long one (two distill searches: ≈ 15–25 min more)
+    python benchmarks/run.py --quick              # tiny settings: a smoke run of every code path, long one included
     python benchmarks/run.py --only pipeline teacher_cache --out benchmarks/
+    python benchmarks/run.py --only search_teacher_cost --out /tmp/search
 
 Every figure is a ratio of two things timed in the same process, alternately (A B, B A, A B, …: slow drifts of a
 shared machine hit both sides), and is the median over repeats of the per-repeat ratio; absolute times are kept
@@ -13,9 +15,16 @@ beside it. Writes `<out>/results.json` (machine, versions, threads, settings, fi
 | pipeline        | training epoch through the real loader ÷ its pure compute on batches in memory (≤ 1.10)      |
 | image_cache     | loader epoch 2: PIL + torchvision decoding every PNG ÷ decoded-image cache (≥ 2)             |
 | teacher_cache   | KD epoch with the ResNet-50 teacher run online ÷ with cached replayed-view logits (≥ 3)      |
-| student_teacher | student ÷ teacher: parameters (≤ 0.20), CPU latency at 224 px, batch 1 and 32 (≤ 0.25)       |
+| student_teacher | student ÷ teacher: parameters (≤ 0.20), CPU latency at 224 px, batch 1 and 32 (≤ 0.25);     |
+|                 | student_latency: batch 1 at 64 and 224 px, torch and onnxruntime (≤ 0.15)                    |
 | pruning         | 20-trial Optuna search, pruned vs not: fold-epochs saved (≥ 40 %), best-value gap (≤ noise)  |
 | scale           | manifest load + validation + folds at 10k/40k/160k rows: per-row time and peak memory (flat) |
+| peer_epoch      | cv epoch vs a plain PIL + albumentations + timm loop, training images/s (≥ 1.25, 64/128 px); |
+|                 | checkpoint_overhead: share of that epoch spent writing checkpoints/state/history (≤ 0.05)    |
+| bf16            | ResNet-50 train / inference images/s, bf16 autocast ÷ fp32 (≥ 1.4 / ≥ 2; "not supported"     |
+|                 | where the CPU has no avx512_bf16 / amx_bf16)                                                 |
+| student_gflops  | achieved GFLOP/s of the student's training step ÷ the teacher's, 64 px (≥ 0.5)               |
+| search_teacher_cost | long, opt-in: default distill search, teacher cache vs `--teacher-cache none` (≥ 2.5)    |
 
 Benchmark `<name>` is `run(ctx)` in `benchmarks/bench_<name>.py`; what they share (settings, figures, timing, the
 benchmark phantom) is in `benchmarks/common.py`. Everything runs on CPU (the figures are defined for the 2-core
@@ -44,10 +53,14 @@ from typing import Any  # noqa: E402
 # common first: it sets OMP_WAIT_POLICY before anything imports torch
 from common import QUICK, SCHEMA_VERSION, Context, Result, Settings, rounded  # noqa: E402, I001
 
+import bench_bf16  # noqa: E402
 import bench_image_cache  # noqa: E402
+import bench_peer_epoch  # noqa: E402
 import bench_pipeline  # noqa: E402
 import bench_pruning  # noqa: E402
 import bench_scale  # noqa: E402
+import bench_search_teacher_cost  # noqa: E402
+import bench_student_gflops  # noqa: E402
 import bench_student_teacher  # noqa: E402
 import bench_teacher_cache  # noqa: E402
 
@@ -57,9 +70,16 @@ from kd_fracture.errors import UserError, cli_main  # noqa: E402
 RUNNERS: dict[str, Callable[[Context], Result]] = {
     "pipeline": bench_pipeline.run, "image_cache": bench_image_cache.run, "teacher_cache": bench_teacher_cache.run,
     "student_teacher": bench_student_teacher.run, "pruning": bench_pruning.run, "scale": bench_scale.run,
+    "peer_epoch": bench_peer_epoch.run, "bf16": bench_bf16.run, "student_gflops": bench_student_gflops.run,
+    "search_teacher_cost": bench_search_teacher_cost.run,
 }
 """The benchmark registry, in run order: name → `run(ctx)` of `bench_<name>.py`."""
-BENCHMARKS = tuple(RUNNERS)
+LONG = ("search_teacher_cost",)
+"""Benchmarks that take many minutes at full size (two whole distill searches): run only when asked for, by
+`--long` or `--only NAME`; `--quick` runs them at tiny sizes like the rest."""
+ALL = tuple(RUNNERS)
+BENCHMARKS = tuple(n for n in ALL if n not in LONG)
+"""What a plain `python benchmarks/run.py` runs."""
 
 VERSIONS = ("torch", "torchvision", "timm", "albumentations", "opencv-python-headless", "opencv-python", "numpy",
             "pandas", "scikit-learn", "optuna", "onnx", "onnxruntime", "pillow")
@@ -118,10 +138,15 @@ def format_markdown(report: dict) -> str:
          f"{_fmt_load(env['load_average_start'])} at start and {_fmt_load(env.get('load_average_end'))} at end "
          "(a shared machine: every figure is a ratio of two arms timed alternately)."), "",
         "| # | figure | value | target | met | unit |", "|---|---|---|---|---|---|"]
+    figure_notes = []
     for name, bench in report["benchmarks"].items():
         for f in bench.get("figures", []):
             lines.append(f"| {f['id']} | {f['name']} | {_fmt(f['value'])} | {f['op']} {_fmt(f['target'])} | "
-                         f"{'yes' if f['met'] else '**no**'} | {f['unit']} |")
+                         f"{_fmt_met(f['met'])} | {f['unit']} |")
+            if f.get("note"):
+                figure_notes.append(f"- **{f['id']}**: {f['note']}")
+    if figure_notes:
+        lines += ["", *figure_notes]
     lines += ["", "## Measurements (no target)", "", "| benchmark | measurement | value | unit |", "|---|---|---|---|"]
     for name, bench in report["benchmarks"].items():
         for m, mv in bench.get("measurements", {}).items():
@@ -132,7 +157,16 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt_met(met: bool | str) -> str:
+    """yes / **no** / the state a figure has instead (NOT_SUPPORTED)."""
+    if isinstance(met, str):
+        return met
+    return "yes" if met else "**no**"
+
+
 def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
     if isinstance(x, float):
         return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
     return str(x)
@@ -168,8 +202,8 @@ def run(settings: Settings, only: Sequence[str] = BENCHMARKS, out: Path | None =
                      "measurements": result.measurements, "notes": result.notes}
             report["benchmarks"][name] = rounded(entry)
             for f in entry["figures"]:
-                log(f"  {f['id']} {f['name']}: {_fmt(f['value'])} (target {f['op']} {_fmt(f['target'])}) "
-                    f"{'met' if f['met'] else 'MISSED'}")
+                state = f["met"] if isinstance(f["met"], str) else "met" if f["met"] else "MISSED"
+                log(f"  {f['id']} {f['name']}: {_fmt(f['value'])} (target {f['op']} {_fmt(f['target'])}) {state}")
             log(f"  ({entry['seconds']:.0f} s)")
     report["wall_s"] = time.perf_counter() - t_all
     report["environment"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -186,27 +220,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Performance figures as ratios measured side by side (see benchmarks/README.md).")
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke run of every benchmark")
     parser.add_argument("--only", nargs="+", metavar="NAME", default=None,
-                        help=f"run only these benchmarks: {', '.join(BENCHMARKS)}")
+                        help=f"run only these benchmarks: {', '.join(ALL)}")
+    parser.add_argument("--long", action="store_true",
+                        help=f"also run the long benchmarks ({', '.join(LONG)}; minutes each at full size)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for results.json / results.md")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default 2, or fewer cores)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0, the project's)")
     parser.add_argument("--repeats", type=int, default=None, help="paired repeats per ratio")
     parser.add_argument("--cache-dir", default=None, help="where the benchmark phantom is cached")
     parser.add_argument("--scale-dir", default=None, help="where the scale benchmark writes its files")
+    parser.add_argument("--search-phantom", choices=("default", "bench"), default=None,
+                        help="data of search_teacher_cost: the project's default phantom (400 patients, 64-px PNGs; "
+                             "default at full size) or the benchmark phantom")
     args = parser.parse_args(argv)
 
-    only = args.only or list(BENCHMARKS)
-    unknown = [n for n in only if n not in BENCHMARKS]
+    only = args.only or list(ALL if args.long or args.quick else BENCHMARKS)
+    unknown = [n for n in only if n not in ALL]
     if unknown:
-        raise UserError(f"--only {' '.join(unknown)}: unknown benchmark; choose from {', '.join(BENCHMARKS)}")
+        raise UserError(f"--only {' '.join(unknown)}: unknown benchmark; choose from {', '.join(ALL)}")
     settings = QUICK if args.quick else Settings()
     for flag, value, low in (("threads", args.threads, 1), ("workers", args.workers, 0), ("repeats", args.repeats, 1)):
         if value is not None and value < low:
             raise UserError(f"--{flag} {value}: must be at least {low}")
     overrides = {"threads": args.threads or min(settings.threads, os.cpu_count() or 1), "num_workers": args.workers,
-                 "repeats": args.repeats, "cache_dir": args.cache_dir, "scale_dir": args.scale_dir}
+                 "repeats": args.repeats, "cache_dir": args.cache_dir, "scale_dir": args.scale_dir,
+                 "search_phantom": args.search_phantom}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-    run(settings, only, args.out, mode_flag="--quick" if args.quick else "")
+    run(settings, only, args.out, mode_flag=" ".join(f for f, on in (("--quick", args.quick), ("--long", args.long))
+                                                   if on))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
     return 0
 
