@@ -475,9 +475,11 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-NOT_IN_RECIPES = frozenset({"state_interval_min", "keep_state"})
-"""Fields that never change a result (how often state is saved, whether it is kept): left out of every hash of
-"what the weights depend on", so a cache built before such a field existed stays valid."""
+NOT_IN_RECIPES = frozenset({"state_interval_min", "keep_state", "precision"})
+"""Fields left out of every hash of "what the weights depend on", so a cache built before such a field existed stays
+valid: those that never change a result (how often state is saved, whether it is kept), and train.precision, whose
+*resolved* value enters the hashes instead, and only when it is not fp32 (`engine.precision_recipe`): "auto" on a
+CPU without bf16 trains exactly what the package trained before the field existed."""
 
 
 def recipe_dict(cfg: Any) -> dict:

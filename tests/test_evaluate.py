@@ -7,26 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
-from kd_fracture.train import checkpoint
 from kd_fracture import evaluate, metrics
-from kd_fracture.config import CVConfig, load_config
-from kd_fracture.models import create_model
-from kd_fracture.runs.rundir import RunDir
-
-
-@pytest.fixture(scope="module")
-def fake_run(tiny_phantom, tmp_path_factory) -> Path:
-    """config + two untrained resnet10t fold checkpoints at 32 px (evaluate needs nothing else from a run)."""
-    path = tmp_path_factory.mktemp("evaluate") / "run"
-    cfg = load_config(CVConfig, None, {"run_dir": str(path), "data.root": str(tiny_phantom), "data.folds": 2,
-                                       "data.img_size": 32, "model.name": "resnet10t", "eval.bootstrap": 20})
-    RunDir(path).write_config(cfg)
-    for k in (0, 1):
-        torch.manual_seed(k)
-        checkpoint.save_weights(create_model("resnet10t", img_size=32), path / f"fold_{k}" / checkpoint.BEST)
-    return path
 
 
 @pytest.fixture(scope="module")

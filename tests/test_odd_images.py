@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from kd_fracture import evaluate, predict
@@ -20,9 +19,6 @@ from kd_fracture.config import CVConfig, load_config
 from kd_fracture.data import imageio
 from kd_fracture.data.loaders import resolve_manifest
 from kd_fracture.errors import ConfigError, DataError
-from kd_fracture.models import create_model
-from kd_fracture.runs.rundir import RunDir
-from kd_fracture.train import checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -199,19 +195,6 @@ def test_tiny_images_are_still_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate sources
-
-
-@pytest.fixture(scope="module")
-def fake_run(tiny_phantom, tmp_path_factory) -> Path:
-    """config + two untrained resnet10t fold checkpoints at 32 px (all evaluate reads from a run)."""
-    path = tmp_path_factory.mktemp("odd_evaluate") / "run"
-    cfg = load_config(CVConfig, None, {"run_dir": str(path), "data.root": str(tiny_phantom), "data.folds": 2,
-                                       "data.img_size": 32, "model.name": "resnet10t", "eval.bootstrap": 5})
-    RunDir(path).write_config(cfg)
-    for k in (0, 1):
-        torch.manual_seed(k)
-        checkpoint.save_weights(create_model("resnet10t", img_size=32), path / f"fold_{k}" / checkpoint.BEST)
-    return path
 
 
 def phantom_studies(tiny_phantom: Path, n: int = 6) -> list[tuple[Path, int]]:

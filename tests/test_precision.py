@@ -87,3 +87,21 @@ def test_bf16_matches_fp32_within_fold_noise(tiny_cv_overrides, tmp_path):
         a, b = runs["fp32"][m], runs["bf16"][m]
         noise = 2 * max(a.std(ddof=1), b.std(ddof=1), 0.02)
         assert abs(a.mean() - b.mean()) <= noise, (m, a, b)
+
+
+def test_pretrained_weight_keys_carry_the_precision_only_when_not_fp32(monkeypatch):
+    """fp32 keeps the keys the package used before train.precision existed (cached phantom weights stay valid);
+    a bf16 machine builds its own."""
+    from kd_fracture.config import CVConfig, DistillConfig, replace
+    from kd_fracture.pipelines import pretraining
+
+    cv, dcfg = CVConfig(), DistillConfig()
+    paths = lambda cfg: (pretraining.weights_path(cfg), pretraining.student_weights_path(dcfg, cfg, True),  # noqa: E731
+                         pretraining.student_weights_path(dcfg, cfg, False))
+    monkeypatch.setattr(engine, "cpu_bf16_supported", lambda: False)
+    fp32 = paths(cv)
+    assert paths(replace(cv, **{"train.precision": "fp32"})) == fp32
+    monkeypatch.setattr(engine, "cpu_bf16_supported", lambda: True)
+    bf16 = paths(cv)
+    assert all(a != b for a, b in zip(fp32, bf16))
+    assert paths(replace(cv, **{"train.precision": "fp32"})) == fp32

@@ -258,6 +258,7 @@ class Distiller:
     def fingerprint(self, cfg: DistillConfig, space: dict) -> dict:
         """What a trial's value depends on; a shared study refuses workers whose fingerprint differs."""
         train = {k: v for k, v in recipe_dict(cfg.train).items() if k not in ("device", "threads", "eval_batch_size")}
+        train.update(engine.precision_recipe(cfg.train, self.device))
         return {"teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)],
                 "manifest_sha256": self.manifest.sha256(), "img_size": self.data.img_size,
                 "student": to_dict(cfg.student), "student_pretrain": recipe_dict(cfg.pretrain), "train": train,

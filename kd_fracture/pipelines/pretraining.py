@@ -64,7 +64,7 @@ def recipe(cfg: CVConfig) -> dict:
     return {"generator_version": GENERATOR_VERSION, "model": m.name, "num_classes": m.num_classes,
             "in_chans": m.in_chans, "drop_rate": m.drop_rate, "overrides": m.overrides,
             "img_size": cfg.data.img_size, "phantom_size": cfg.data.phantom.size, "pretrain": recipe_dict(p),
-            "torch": torch.__version__.split("+")[0]}
+            "torch": torch.__version__.split("+")[0], **engine.precision_recipe(cfg.train)}
 
 
 def weights_path(cfg: CVConfig) -> Path:
@@ -145,7 +145,8 @@ def train_on_corpus(cfg: CVConfig, model: nn.Module, make_task, train: TrainConf
         rows, manifest, data, cfg.pretrain.aug, train=is_train, in_chans=in_chans, seed=train.seed,
         batch_size=train.batch_size if is_train else train.eval_batch_size)
     work = path.with_name(path.stem + ".work")  # state_last.pt here makes an interrupted build resume
-    train = replace(train, device=cfg.train.device, threads=cfg.train.threads, amp=cfg.train.amp)
+    train = replace(train, device=cfg.train.device, threads=cfg.train.threads, amp=cfg.train.amp,
+                    precision=cfg.train.precision)  # the run's precision, part of the recipe key
     fit = engine.fit(model, make_task(train_rows), loader(train_rows, True), loader(val_rows, False), val_rows, train,
                      work, name=f"{name}: ")
     last = fit.history.iloc[-1]
@@ -177,7 +178,8 @@ def student_recipe(dcfg: DistillConfig, teacher_cfg: CVConfig, kd: bool) -> dict
             "start": "kd" if kd else "hard_labels", "train": recipe_dict(p.train),
             **({"temperature": p.temperature, "alpha": p.alpha, "teacher": recipe(teacher_cfg)} if kd else {}),
             "corpus": recipe_dict(teacher_cfg.pretrain), "img_size": teacher_cfg.data.img_size,
-            "generator_version": GENERATOR_VERSION, "torch": torch.__version__.split("+")[0]}
+            "generator_version": GENERATOR_VERSION, "torch": torch.__version__.split("+")[0],
+            **engine.precision_recipe(teacher_cfg.train)}
 
 
 def student_weights_path(dcfg: DistillConfig, teacher_cfg: CVConfig, kd: bool) -> Path:

@@ -137,6 +137,13 @@ def resolve_precision(precision: str, device: torch.device, amp: bool = True) ->
     return precision
 
 
+def precision_recipe(train: TrainConfig, device: torch.device | None = None) -> dict:
+    """{} when `train` resolves to fp32 on `device` (default: its train.device), else {"precision": resolved}: what
+    a cache key or study fingerprint adds for the precision (config.NOT_IN_RECIPES)."""
+    resolved = resolve_precision(train.precision, device or resolve_device(train.device), train.amp)
+    return {} if resolved == "fp32" else {"precision": resolved}
+
+
 def autocast(device: torch.device, enabled: bool = True, precision: str = "auto"):
     """The autocast context of `resolve_precision(precision, device, enabled)` (a no-op for fp32)."""
     resolved = resolve_precision(precision, device, enabled)
