@@ -558,13 +558,23 @@ def run_search(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
         with contextlib.ExitStack() as held:
             with asking():
                 reap(study, cfg, space, on_reaped)
-                if count_finished(study) >= cfg.n_trials:
+                finished = count_finished(study)
+                if finished >= cfg.n_trials:
                     break
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize"
-                    trial = study.ask(distributions)
-                if leases is not None:
-                    held.enter_context(leases.hold(trial.number))
+                # other workers' RUNNING trials count against the budget (no overshoot, equal budgets per variant):
+                # wait for them to finish, or to be reaped when their worker died (a retry then runs here)
+                running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                if finished + running >= cfg.n_trials:
+                    trial = None
+                else:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize"
+                        trial = study.ask(distributions)
+                    if leases is not None:
+                        held.enter_context(leases.hold(trial.number))
+            if trial is None:
+                time.sleep(_wait_s(study))
+                continue
             held.enter_context(_heartbeat(study, trial))
             trial.set_user_attr("worker", cfg.worker)
             trial.set_user_attr("sampler_seed", getattr(study.sampler, "kd_seed", sampler_seed(cfg)))
@@ -574,6 +584,13 @@ def run_search(study: optuna.Study, objective: Callable[[optuna.Trial], float], 
         for callback in callbacks:
             callback(study, frozen)
     return started
+
+
+def _wait_s(study: optuna.Study) -> float:
+    """How long to sleep before looking again at other workers' RUNNING trials: the heartbeat interval on
+    PostgreSQL/MySQL (a dead worker's trial goes stale after the grace period), a second on lease storages."""
+    storage = study._storage
+    return float(storage.get_heartbeat_interval()) if is_heartbeat_enabled(storage) else 1.0
 
 
 def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable[[optuna.Trial], float],

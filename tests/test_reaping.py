@@ -135,7 +135,7 @@ def test_a_dead_trial_is_reaped_even_when_the_study_is_complete(tmp_path):
 
 def test_a_trial_whose_lease_a_live_process_holds_is_left_alone(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
-    cfg = config(n_trials=2)
+    cfg = config(n_trials=2, timeout=4)
     study = search.open_study(cfg, url)
     live = study.ask()
     live.suggest_float("kd.alpha", 0.0, 1.0)
@@ -151,15 +151,17 @@ def test_a_trial_whose_lease_a_live_process_holds_is_left_alone(tmp_path):
     """, tmp_path / "held")
     try:
         study = search.open_study(cfg, url)
-        assert search.run_search(study, objective(), cfg) == 2
+        # the live trial counts against n_trials: one more is run, then the search waits for it (here: timeout)
+        assert search.run_search(study, objective(), cfg) == 1
         assert study.trials[live.number].state == TrialState.RUNNING  # its worker is alive
         assert f"PID {holder.pid}" in lease.read_text()
     finally:
         holder.kill()
         holder.wait(10)
-    study = search.open_study(cfg, url)  # now its worker is gone
-    search.run_search(study, objective(), cfg)
+    study = search.open_study(cfg, url)  # now its worker is gone: failed, and its parameters retried here
+    assert search.run_search(study, objective(), cfg) == 1
     assert study.trials[live.number].state == TrialState.FAIL
+    assert search.count_finished(study) == 2
 
 
 def test_a_retry_is_retried_at_most_max_retry_times(tmp_path):
