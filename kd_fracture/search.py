@@ -32,6 +32,7 @@ search killed and resumed any number of times proposes what the uninterrupted on
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import threading
@@ -630,8 +631,12 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial):
     stop = threading.Event()
 
     def beat() -> None:
+        first = True
         while True:
             storage.record_heartbeat(trial._trial_id)
+            if first:  # reap: a RUNNING trial without this attribute never had a heartbeat
+                storage.set_trial_user_attr(trial._trial_id, "heartbeat", True)
+                first = False
             if stop.wait(storage.get_heartbeat_interval()):
                 return
 
@@ -678,6 +683,15 @@ def reap(study: optuna.Study, cfg: SearchConfig, space: Mapping[str, Param] | No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # the storage has no stale-trial callback: retries are ours
+        # a worker killed between creating its trial and its first heartbeat leaves no heartbeat to go stale:
+        # without the "heartbeat" attribute (set right after the first beat) past the grace period, it is dead too
+        grace = cfg.grace_period or 2 * cfg.heartbeat_interval
+        now = datetime.datetime.now()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "heartbeat" not in t.user_attrs and t.datetime_start is not None and \
+                    (now - t.datetime_start).total_seconds() > grace:
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
         dead = [t.number for t in running if states.get(t.number) == TrialState.FAIL]
     if not dead:
