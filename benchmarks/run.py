@@ -41,9 +41,7 @@ for _path in (HERE.parent, HERE):  # the checkout's kd_fracture without `pip ins
         sys.path.insert(0, str(_path))
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
@@ -110,12 +108,8 @@ def environment(settings: Settings) -> dict:
                 env["versions"][pkg] = md.version(pkg)
             except md.PackageNotFoundError:
                 env["versions"][pkg] = None
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
     env.update({
-        "cpu": cpu, "cpu_count": os.cpu_count(),
+        "cpu": env["cpu"], "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

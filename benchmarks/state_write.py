@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -24,16 +23,12 @@ from timm.optim import create_optimizer_v2
 
 from kd_fracture.config import CVConfig
 from kd_fracture.models import create_model
+from kd_fracture.runs.rundir import cpu_model
 from kd_fracture.train.checkpoint import save_state
 
 HERE = Path(__file__).parent
 
 
-def cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ Seeded; the figures are one run on this machine's CPU (named in the output).
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -26,13 +25,9 @@ from kd_fracture.data.manifest import load_manifest
 from kd_fracture.data.phantom import GENERATOR_VERSION, ensure_default_phantom, generate_phantom
 from kd_fracture.io import write_json, write_text
 from kd_fracture.metrics import evaluate
+from kd_fracture.runs.rundir import cpu_model
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def score(model, loaders) -> dict:
