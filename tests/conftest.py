@@ -11,6 +11,28 @@ os.environ.setdefault("KD_FRACTURE_PROGRESS", "0")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.bf16` tests check what must hold under bf16 autocast on a CPU that runs it natively (the path
+    `train.precision: auto` takes on an Intel Xeon with AMX); elsewhere they are skipped with the reason.
+    KD_FRACTURE_CPU_BF16=1 runs them on any CPU (emulated bf16), =0 skips them on a bf16 CPU (docs: README, Tests)."""
+    from kd_fracture.train import engine
+
+    if engine.cpu_bf16_supported():
+        return
+    native = engine.cpu_has_native_bf16()
+    reason = (f"{engine.CPU_BF16_ENV}=0 hides this CPU's bf16" if native else
+              f"this CPU has no native bf16 (no avx512_bf16/amx_bf16); {engine.CPU_BF16_ENV}=1 runs it emulated")
+    for item in items:
+        if "bf16" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=f"bf16 check: {reason}"))
+
+
+@pytest.fixture
+def fp32_only(monkeypatch):
+    """Make this process see a CPU without bf16 (`train.precision: auto` → fp32), as an AMD EPYC would."""
+    monkeypatch.setenv("KD_FRACTURE_CPU_BF16", "0")
+
+
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory):
     """A MURA-v1.1-layout phantom of 40 patients at 32 px (≈ 200 images); returns the data root."""

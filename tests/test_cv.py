@@ -120,10 +120,16 @@ def test_aggregate_names_missing_folds(tiny_cv_overrides, tmp_path, capsys):
     assert "fold(s) [1] are not finished" in capsys.readouterr().err
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_cv_overrides, tmp_path, monkeypatch):
-    over = dict(tiny_cv_overrides, **{"train.epochs": 2, "train.patience": 5, "data.folds": 2})
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("auto", marks=pytest.mark.bf16)])
+def test_resume_after_interruption_matches_uninterrupted(tiny_cv_overrides, tmp_path, monkeypatch, precision):
+    """Killed after epoch 1 and rerun = uninterrupted, exactly: in fp32 on every CPU, and under bf16 autocast where
+    `auto` resolves to it (a CPU with native bf16)."""
+    over = dict(tiny_cv_overrides, **{"train.epochs": 2, "train.patience": 5, "data.folds": 2,
+                                      "train.precision": precision})
     full = dict(over, run_dir=str(tmp_path / "full"))
     assert cv.main(cli_args(full) + ["--fold", "0"]) == 0
+    assert json.loads((tmp_path / "full" / "env.json").read_text())["precision"] == (
+        "fp32" if precision == "fp32" else "bf16")
 
     real = engine.train_one_epoch
     seen = []

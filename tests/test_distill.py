@@ -48,7 +48,7 @@ def teacher_run(tiny_phantom, tmp_path_factory):
         "run_dir": str(tmp / "run"), "data.root": str(tiny_phantom), "data.folds": 2, "data.img_size": 32,
         "data.manifests_dir": str(tmp / "manifests"), "data.inner_val_frac": 0.2, "model.name": "resnet10t",
         "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 50,
-        "train.threads": 1})
+        "train.threads": 1, "train.precision": "fp32"})  # exact numerics below: fp32 on every CPU (issue #29)
     run_cv(cfg)
     return load_teacher_run(cfg.run_dir)
 
@@ -61,7 +61,7 @@ def fold0(teacher_run):
     return manifest, fold_rows(manifest, folds, 0, teacher_run.cfg.data)
 
 
-def build_cache(teacher_run, fold0, cache_dir, checkpoint=None, views=VIEWS, loads=None):
+def build_cache(teacher_run, fold0, cache_dir, checkpoint=None, views=VIEWS, loads=None, precision="fp32"):
     manifest, rows = fold0
     checkpoint = checkpoint or teacher_run.checkpoint(0)
     t = teacher_run.cfg
@@ -72,7 +72,8 @@ def build_cache(teacher_run, fold0, cache_dir, checkpoint=None, views=VIEWS, loa
         return load_weights(create_model(t.model.name, in_chans=t.model.in_chans, img_size=t.data.img_size), checkpoint)
 
     return teacher_cache.load_or_build(cache_dir, load, checkpoint, t.model, rows.train, manifest, t.data, t.aug,
-                                       views=views, seed=SEED, device=torch.device("cpu"), batch_size=64)
+                                       views=views, seed=SEED, device=torch.device("cpu"), batch_size=64,
+                                       precision=precision)
 
 
 def student_loader(teacher_run, fold0, in_chans=1, batch_size=16):
@@ -85,10 +86,25 @@ def student_loader(teacher_run, fold0, in_chans=1, batch_size=16):
 # cache
 
 
-def test_cache_replays_identical_views(teacher_run, fold0, tmp_path):
-    cache = build_cache(teacher_run, fold0, tmp_path / "cache")
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("auto", marks=pytest.mark.bf16)])
+def test_cache_replays_identical_views(teacher_run, fold0, tmp_path, precision):
+    """The cached logit of view v of image i is the teacher's output on the view the student replays. fp32: within
+    1e-5 of a batch-1 forward pass (batched sums round differently). Under bf16 autocast (`auto` on a CPU with native
+    bf16) the cache is built and replayed under the same autocast, and the replay is the teacher's own bf16 output,
+    bit for bit."""
+    cpu = torch.device("cpu")
+    resolved = engine.resolve_precision(precision, cpu)
+    assert resolved == ("fp32" if precision == "fp32" else "bf16")
+    cache = build_cache(teacher_run, fold0, tmp_path / "cache", precision=precision)
+    assert read_json(cache.path.with_name(cache.path.name + ".json"))["components"]["precision"] == resolved
     n = len(fold0[1].train)
     assert cache.rebuilt and cache.logits.shape == (n, VIEWS + 1, 1)
+
+    def same(cached, x):  # cached (C,) against the teacher on one view x (C_in, H, W), under the cache's precision
+        with torch.no_grad(), engine.autocast(cpu, True, precision):
+            z = teacher(x[None])[0].float()
+        return torch.allclose(cached, z, atol=1e-5) if resolved == "fp32" else torch.equal(cached, z)
+
     student_ds = student_loader(teacher_run, fold0).dataset  # in_chans 1, the student's
     teacher_ds = student_loader(teacher_run, fold0, in_chans=3).dataset  # in_chans 3, the teacher's
     teacher = teacher_run.load(0).eval()
@@ -102,13 +118,10 @@ def test_cache_replays_identical_views(teacher_run, fold0, tmp_path):
             replayed = teacher_ds.with_view(view)[i]["image"]
             # the student's 1-channel view is the teacher's 3-channel view: the same pixels, replicated
             assert torch.equal(item["image"].expand(3, -1, -1), replayed)
-            with torch.no_grad():
-                z = teacher(replayed[None])
-            assert torch.allclose(cache.logits[i, view], z[0], atol=1e-5)
+            assert same(cache.logits[i, view], replayed)
     assert seen_views == set(range(VIEWS))  # every epoch's view of an image is one of the cached ones
     clean = teacher_ds.with_view(CLEAN_VIEW)[3]["image"]
-    with torch.no_grad():
-        assert torch.allclose(cache.logits[3, -1], teacher(clean[None])[0], atol=1e-5)
+    assert same(cache.logits[3, -1], clean)
     # views differ from each other (they are augmentations, not copies)
     assert not torch.allclose(cache.logits[:, 0], cache.logits[:, 1])
 
@@ -200,7 +213,8 @@ def distill_args(teacher_run, tmp_path, *extra):
     return ["--run", str(teacher_run.run.path), "--storage", f"sqlite:///{tmp_path / 'study.db'}",
             "--study", "tiny", "--n-trials", "2", "--student", "hybrid_t", "--epochs", "1", "--search-epochs", "1",
             "--views", str(VIEWS), "--set", "train.batch_size=16", "--set", "train.warmup_epochs=0",
-            "--set", "eval.bootstrap=50", "--set", "latency_threads=1", "--threads", "1", *extra]
+            "--set", "eval.bootstrap=50", "--set", "latency_threads=1", "--threads", "1",
+            "--set", "train.precision=fp32", *extra]
 
 
 VARIANTS = ("hybrid_t_kd", "hybrid_t_no_kd", "mobilevit_xxs_kd")

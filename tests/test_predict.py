@@ -26,7 +26,8 @@ def tiny_run(tiny_phantom, tmp_path_factory) -> Path:
     cfg = load_config(CVConfig, None, {
         "run_dir": str(tmp / "run"), "data.root": str(tiny_phantom), "data.folds": 2, "data.img_size": 32,
         "data.manifests_dir": str(tmp / "manifests"), "data.inner_val_frac": 0.2, "model.name": "resnet10t",
-        "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 10})
+        "train.epochs": 1, "train.batch_size": 16, "train.warmup_epochs": 0, "eval.bootstrap": 10,
+        "train.precision": "fp32"})  # predictions are compared with an fp32 forward pass (issue #29)
     run_cv(cfg)
     return tmp / "run"
 

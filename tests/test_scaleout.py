@@ -47,7 +47,8 @@ def cv_args(phantom: Path, manifests: Path, model: str = "hybrid_t", epochs: int
             "--batch-size", str(batch_size), "--threads", "1", "--patience", "5",
             "--set", f"data.manifests_dir={manifests}", "--set", "data.inner_val_frac=0.2",
             "--set", "train.warmup_epochs=0", "--set", "eval.bootstrap=50",
-            "--set", "train.state_interval_min=0"]  # state_last.pt every epoch: the kill tests resume from it
+            "--set", "train.state_interval_min=0",  # state_last.pt every epoch: the kill tests resume from it
+            "--set", "train.precision=fp32"]  # exact comparisons (torchrun vs one process: 1e-5) on every CPU
 
 
 def python_m(module: str, *args) -> list[str]:

@@ -371,8 +371,9 @@ class Distiller:
             engine.log(f"{v.name}: parameters or teachers changed since it was trained (new best trial?); "
                        f"previous results moved to {old}, retraining")
         run.write_config(vcfg)
-        run.write_env(v.cfg.train.seed, str(self.device), {"teacher_run": str(self.teacher.run.path),
-                                                           "manifest_sha256": self.manifest.sha256()})
+        run.write_env(v.cfg.train.seed, str(self.device), {
+            "teacher_run": str(self.teacher.run.path), "manifest_sha256": self.manifest.sha256(),
+            "precision": engine.resolve_precision(v.cfg.train.precision, self.device, v.cfg.train.amp)})
         io.write_json(stamp_path, stamp)
         io.write_csv(run.folds, self.folds)
         ks = range(self.data.folds)
@@ -449,8 +450,9 @@ def _run_distill(cfg: DistillConfig, teacher: TeacherRun, out: RunDir, skip_sear
     search.check_pruner(cfg.search, len(d.search_folds()) * d.search_epochs())
     variants = variant_list(cfg)
     out.write_config(cfg)
-    out.write_env(cfg.train.seed, str(device), {"teacher_run": str(teacher.run.path),
-                                                "manifest_sha256": d.manifest.sha256()})
+    out.write_env(cfg.train.seed, str(device), {
+        "teacher_run": str(teacher.run.path), "manifest_sha256": d.manifest.sha256(),
+        "precision": engine.resolve_precision(cfg.train.precision, device, cfg.train.amp)})
     k_folds = teacher.cfg.data.folds
     engine.log(f"distill: teacher {teacher.cfg.model.name} × {k_folds} folds ({teacher.run.path}), "
                f"{teacher.cfg.data.img_size} px, {cfg.kd.views} cached views ({cfg.kd.teacher_cache}); variants "

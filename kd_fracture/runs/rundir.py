@@ -177,7 +177,8 @@ def environment(seed: int, device: str) -> dict:
         "device": device,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu": cpu_model(),
-        "cpu_bf16": engine.cpu_bf16_supported(),
+        "cpu_bf16": engine.cpu_bf16_supported(),  # what train.precision auto saw (KD_FRACTURE_CPU_BF16 can force it)
+        "cpu_bf16_native": engine.cpu_has_native_bf16(),
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

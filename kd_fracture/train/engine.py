@@ -102,16 +102,27 @@ def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = T
 
 
 def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = True, **kwargs) -> np.ndarray:
-    """Positive-class probability (N,) in dataset order."""
-    return positive_prob(predict_logits(model, loader, device, amp, **kwargs)).numpy()
+    """Positive-class probability (N,) float64 in dataset order.
+
+    float64, not the model's float32: a float64 is written to CSV by its exact shortest repr, so predictions read back
+    from oof_predictions.csv give the metrics.json they came with. A float32 written as its shortest repr reads back
+    as another number, and under bf16 autocast, whose logits take few distinct values, a study probability can sit
+    exactly on the decision threshold, where that difference flips the prediction."""
+    return positive_prob(predict_logits(model, loader, device, amp, **kwargs)).numpy().astype(np.float64)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
 AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+CPU_BF16_ENV = "KD_FRACTURE_CPU_BF16"
+"""Set to 1 or 0 to make `cpu_bf16_supported()` answer so whatever the CPU is: `0` on an Intel Xeon with AMX runs
+`train.precision: auto` as fp32, as an AMD EPYC without bf16 would; `1` on such an EPYC runs it as bf16 autocast
+(emulated by oneDNN: slower, the same autocast). For running the test suite as the other kind of machine would."""
+
+
 @functools.lru_cache(maxsize=1)
-def cpu_bf16_supported() -> bool:
+def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (x86 flags avx512_bf16 or amx_bf16 in /proc/cpuinfo, or Arm bf16);
     elsewhere oneDNN emulates bf16, which is slower than fp32."""
     try:
@@ -119,6 +130,18 @@ def cpu_bf16_supported() -> bool:
     except OSError:
         return False
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+
+
+def cpu_bf16_supported() -> bool:
+    """What `train.precision: auto` takes the CPU to be: `cpu_has_native_bf16()`, unless KD_FRACTURE_CPU_BF16 says
+    otherwise (read on every call, so a test can set it)."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise UserError(f"{CPU_BF16_ENV}={forced!r}: set it to 1 (treat the CPU as bf16-capable), 0 (as without "
+                        "bf16) or leave it unset (detect)")
+    return cpu_has_native_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device, amp: bool = True) -> str:
