@@ -53,7 +53,13 @@ class DataConfig:
     verify_images: bool = False
     cache_images: bool = True
     """Decode and resize every image once into RAM (uint8, img_size²) so later epochs skip PNG decoding."""
-    num_workers: int = 0
+    num_workers: int | str = "auto"
+    """DataLoader worker processes, or auto: 0 on the CPU (the loop waits on its input ≈ 1 % of an epoch there,
+    benchmarks/results.md figure 1), on CUDA one per core less one, at most 8, shared among `--jobs` processes."""
+    aug_backend: str = "auto"
+    """Where training images are augmented: albumentations (per image in the DataLoader, the CPU reference) | torch
+    (batched on the training device, data.batch_aug: same transforms and ranges, resampled once) | auto (torch on
+    CUDA, albumentations elsewhere). The views differ pixel by pixel, so the teacher-logit cache key includes it."""
     manifests_dir: str = "data_manifests"
     window_percentiles: tuple = (0.5, 99.5)
     """(low, high) percentiles of a 16-bit, 32-bit or float image's values that become 0 and 255 when it is read as
@@ -136,6 +142,10 @@ class TrainConfig:
     follow amp. The resolved precision is recorded in env.json and in the teacher-logit cache key."""
     channels_last: bool = True
     """channels_last (NHWC) memory format for model and inputs; faster on CUDA and on CPU (oneDNN)."""
+    compile: str = "auto"
+    """auto | on | off: torch.compile the training step. auto = on CUDA for fits of ≥ 10,000 optimiser steps
+    (engine.COMPILE_MIN_STEPS: below that compiling costs more than it saves), never on the CPU (measured slower). A
+    failure to compile falls back to eager with one line."""
     threads: int | None = None
     """torch CPU threads; null = torch's default."""
     state_interval_min: float = 10.0
@@ -401,7 +411,9 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
             raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
         return number
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads on/off (and yes/no, true/false) as booleans: `compile: on`
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
     if tp is dict or origin is dict:
@@ -475,11 +487,13 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-NOT_IN_RECIPES = frozenset({"state_interval_min", "keep_state", "precision"})
+NOT_IN_RECIPES = frozenset({"state_interval_min", "keep_state", "precision", "compile"})
 """Fields left out of every hash of "what the weights depend on", so a cache built before such a field existed stays
-valid: those that never change a result (how often state is saved, whether it is kept), and train.precision, whose
-*resolved* value enters the hashes instead, and only when it is not fp32 (`engine.precision_recipe`): "auto" on a
-CPU without bf16 trains exactly what the package trained before the field existed."""
+valid: those that never change a result (how often state is saved, whether it is kept), train.compile (the same
+computation, fused: it changes results at float rounding only, as another GPU or CPU kernel would), and
+train.precision, whose *resolved* value enters the hashes instead, and only when it is not fp32
+(`engine.precision_recipe`): "auto" on a CPU without bf16 trains exactly what the package trained before the field
+existed."""
 
 
 def recipe_dict(cfg: Any) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from kd_fracture import cv, metrics
 from kd_fracture.train import engine
@@ -251,3 +252,39 @@ def test_a_killed_writer_leaves_no_lock(tmp_path):
     time.sleep(0.1)
     with run.lock():  # flock died with the process
         pass
+
+
+def test_jobs_train_folds_as_processes_with_the_sequential_results(tiny_cv_overrides, tmp_path, capsys):
+    """`cv --jobs 2`: each fold is its own `cv --fold K` process (same locks, seeds and config), so the tables, fold
+    metrics and holdout predictions are those of the sequential run, byte for byte (fp32, one thread in both)."""
+    over = dict(tiny_cv_overrides, **{"train.threads": 1, "train.precision": "fp32"})
+    runs = {}
+    for name, jobs in (("sequential", "1"), ("parallel", "2")):
+        runs[name] = tmp_path / name
+        assert cv.main(cli_args(dict(over, run_dir=str(runs[name]))) + ["--jobs", jobs]) == 0
+    err = capsys.readouterr().err
+    assert "job fold 0:" in err and "job fold 1:" in err  # the parallel run started one process per fold
+    seq, par = runs["sequential"], runs["parallel"]
+    for rel in ["tables/cv_folds.csv", "tables/holdout.csv", "holdout/predictions.csv",
+                *[f"fold_{k}/oof_predictions.csv" for k in (0, 1)]]:
+        assert (par / rel).read_text() == (seq / rel).read_text(), rel
+    for k in (0, 1):
+        a, b = (json.loads((r / f"fold_{k}" / "metrics.json").read_text()) for r in (seq, par))
+        assert a["study"] == b["study"] and a["threshold"] == b["threshold"]
+        assert (par / f"fold_{k}" / "DONE").exists()
+
+
+def test_jobs_beyond_the_folds_are_clamped_and_nonsense_is_refused(tiny_cv_overrides, tmp_path, capsys,
+                                                                     monkeypatch):
+    from kd_fracture.pipelines import jobs
+
+    started = []
+    monkeypatch.setattr(jobs.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or pytest.fail("started"))
+    assert jobs.resolve_jobs(5, 2, torch.device("cpu"), 64) == 2
+    assert "--jobs 5 is more than the 2 job(s) left to run" in capsys.readouterr().err
+    assert jobs.resolve_jobs("auto", 5, torch.device("cpu"), 64) == 1  # auto: one process on the CPU
+    assert jobs.resolve_jobs("auto", 5, torch.device("cuda"), 224) == 1  # a 224-px fold keeps a GPU busy alone
+    rc = cv.main(cli_args(tiny_cv_overrides) + ["--jobs", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: --jobs 0: a number ≥ 1") and not started
+    assert not Path(tiny_cv_overrides["run_dir"]).exists()  # refused before anything was written

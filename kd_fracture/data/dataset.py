@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from kd_fracture import distributed
+from kd_fracture.data import batch_aug
 from kd_fracture.data.imageio import read_grayscale
 from kd_fracture.data.transforms import apply_seeded, build_transforms, image_key, resize_pad, resolve_aug
 from kd_fracture.errors import ConfigError
@@ -64,8 +65,14 @@ class ImageCache:
         return self.array[i]
 
 
+AUG_BACKENDS = ("albumentations", "torch")
+
+
 class XrayDataset(Dataset):
     """Manifest rows -> {"image": (in_chans, S, S) float32, "label": () float32, "index": int, "view": int}.
+
+    backend "torch" (`data.aug_backend`): "image" is the uint8 (in_chans, S, S) image before augmentation and
+    "aug" its (8,) parameters (`batch_aug.draw_params`); `prefetch.to_device` augments the batch on its device.
 
     `index` is the row's position in `df` (predictions align with `df.reset_index(drop=True)`).
     Grayscale is replicated to 3 identical channels when `in_chans=3` (ImageNet-pretrained stems).
@@ -74,7 +81,11 @@ class XrayDataset(Dataset):
     """
 
     def __init__(self, df: pd.DataFrame, root: Path, img_size: int, train: bool, in_chans: int = 1, seed: int = 0,
-                 num_views: int | None = None, cache: bool | ImageCache = False, aug: dict[str, Any] | None = None):
+                 num_views: int | None = None, cache: bool | ImageCache = False, aug: dict[str, Any] | None = None,
+                 backend: str = "albumentations"):
+        if backend not in AUG_BACKENDS:
+            raise ConfigError(f"data.aug_backend={backend!r}: choose auto or one of {', '.join(AUG_BACKENDS)}")
+        self.backend = backend
         if in_chans not in (1, 3):
             raise ConfigError(f"in_chans={in_chans}: must be 1 (grayscale) or 3 (replicated grayscale)")
         if num_views is not None and num_views < 1:
@@ -130,15 +141,28 @@ class XrayDataset(Dataset):
             return self.cache.get(i)
         return resize_pad(read_grayscale(self.paths[i]), self.img_size)
 
+    def params_of(self, i: int, view: int) -> np.ndarray:
+        """(8,) batch_aug parameters of row `i` under `view` (backend "torch")."""
+        if view == CLEAN_VIEW:
+            return batch_aug.identity_params(self.img_size)
+        return batch_aug.draw_params(self.img_size, self.seed, int(self.keys[i]), view, **self.aug)
+
     def get_image(self, i: int, view: int) -> np.ndarray:
-        """(S, S) float32 normalised image of row `i` under `view` (-1 = clean)."""
+        """(S, S) float32 normalised image of row `i` under `view` (-1 = clean), as the model sees it."""
         img = self.load(i)
+        if self.backend == "torch":
+            x = torch.from_numpy(np.ascontiguousarray(img))[None, None]  # (1, 1, S, S) uint8
+            return batch_aug.augment_batch(x, torch.from_numpy(self.params_of(i, view))[None])[0, 0].numpy()
         if view == CLEAN_VIEW:
             return np.ascontiguousarray(self._eval_tf(image=img)["image"], dtype=np.float32)
         return apply_seeded(self._train_tf, img, self.seed, int(self.keys[i]), view)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         view = self.view_of(i)
+        if self.backend == "torch":  # uint8 + parameters; the batch is augmented where it trains
+            image = np.repeat(self.load(i)[None], self.in_chans, axis=0)  # (in_chans, S, S) uint8, a copy
+            return {"image": torch.from_numpy(image), "aug": torch.from_numpy(self.params_of(i, view)),
+                    "label": torch.tensor(self.labels[i]), "index": i, "view": view}
         image = self.get_image(i, view)[None]  # (1, S, S)
         if self.in_chans == 3:
             # (3, S, S), identical channels. numpy, not Tensor.repeat: above 32k elements torch parallelises the copy

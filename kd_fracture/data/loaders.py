@@ -4,13 +4,16 @@ Shared by cv, distill, evaluate and the benchmarks so every command sees the sam
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from kd_fracture.config import AugConfig, DataConfig, PhantomConfig
-from kd_fracture.data.dataset import ImageCache, XrayDataset, make_loader
+from kd_fracture.data.dataset import AUG_BACKENDS, ImageCache, XrayDataset, make_loader
+from kd_fracture.errors import ConfigError
 from kd_fracture.data.folds import inner_val_split, load_or_make_folds, study_ids_to_rows
 from kd_fracture.data.imageio import set_window_percentiles
 from kd_fracture.data.manifest import Manifest, dataset_name, load_manifest
@@ -88,14 +91,56 @@ class SharedCache:
         return self._caches[key]
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_aug_backend(data: DataConfig, device: torch.device | None = None) -> str:
+    """data.aug_backend → albumentations | torch (auto: torch where the batches train on CUDA)."""
+    if data.aug_backend != "auto":
+        if data.aug_backend not in AUG_BACKENDS:
+            raise ConfigError(f"data.aug_backend={data.aug_backend!r}: choose auto or one of {', '.join(AUG_BACKENDS)}")
+        return data.aug_backend
+    return "torch" if (device or default_device()).type == "cuda" else "albumentations"
+
+
+def backend_recipe(data: DataConfig, device: torch.device | None = None) -> dict:
+    """{} when `data` augments with albumentations on `device`, else {"aug_backend": resolved}: what a cache key or
+    fingerprint adds for the backend, so keys made before data.aug_backend existed stay valid (as
+    engine.precision_recipe does for the precision)."""
+    backend = resolve_aug_backend(data, device)
+    return {} if backend == "albumentations" else {"aug_backend": backend}
+
+
+def resolve_num_workers(data: DataConfig, device: torch.device | None = None, jobs: int = 1) -> int:
+    """data.num_workers → an int (auto: 0 on the CPU; on CUDA the cores this process may use, less one for the
+    training loop, divided among `jobs` concurrent processes, at most 8)."""
+    if data.num_workers != "auto":
+        try:
+            workers = int(data.num_workers)
+        except (TypeError, ValueError):
+            raise ConfigError(f"data.num_workers={data.num_workers!r}: a number ≥ 0, or auto") from None
+        if workers < 0:
+            raise ConfigError(f"data.num_workers={workers}: a number ≥ 0, or auto")
+        return workers
+    if (device or default_device()).type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, jobs) - 1))
+
+
 def build_loader(rows: pd.DataFrame, manifest: Manifest, data: DataConfig, aug: AugConfig, *, train: bool,
                  in_chans: int, batch_size: int, seed: int, num_views: int | None = None,
-                 cache: SharedCache | None = None, shuffle: bool | None = None, drop_last: bool | None = None):
-    """DataLoader over manifest rows; eval loaders keep row order (predictions align with `rows`)."""
+                 cache: SharedCache | None = None, shuffle: bool | None = None, drop_last: bool | None = None,
+                 device: torch.device | None = None):
+    """DataLoader over manifest rows; eval loaders keep row order (predictions align with `rows`). `device` (default:
+    CUDA if available) is where the batches will train: it resolves data.aug_backend and data.num_workers auto."""
     rows = rows.reset_index(drop=True)
     ds = XrayDataset(rows, manifest.root, data.img_size, train=train, in_chans=in_chans, seed=seed,
-                     num_views=num_views, cache=cache.for_rows(rows) if cache else False, aug=aug_kwargs(aug))
+                     num_views=num_views, cache=cache.for_rows(rows) if cache else False, aug=aug_kwargs(aug),
+                     backend=resolve_aug_backend(data, device))
     shuffle = train if shuffle is None else shuffle
     # drop a last batch of 1: BatchNorm cannot train on it
     drop_last = (train and len(rows) % batch_size == 1) if drop_last is None else drop_last
-    return make_loader(ds, batch_size, shuffle=shuffle, seed=seed, num_workers=data.num_workers, drop_last=drop_last)
+    return make_loader(ds, batch_size, shuffle=shuffle, seed=seed, num_workers=resolve_num_workers(data, device),
+                       drop_last=drop_last)

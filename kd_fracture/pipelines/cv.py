@@ -8,6 +8,7 @@ Rerunning the same run resumes; `folds_to_run` and `aggregate_only` split the wo
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 
 import pandas as pd
@@ -15,11 +16,13 @@ import torch
 
 from kd_fracture import distributed, io
 from kd_fracture.config import CVConfig
-from kd_fracture.data.loaders import SharedCache, build_loader, fold_rows, resolve_folds, resolve_manifest
+from kd_fracture.data.loaders import (SharedCache, build_loader, fold_rows, resolve_folds, resolve_manifest,
+                                     resolve_num_workers)
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.errors import UserError
 from kd_fracture.pipelines import pretraining
 from kd_fracture.pipelines.fold import fold_seed, train_and_score_fold
+from kd_fracture.pipelines.jobs import cores, resolve_jobs, run_jobs
 from kd_fracture.report.aggregate import aggregate
 from kd_fracture.runs import scoring
 from kd_fracture.runs.models import build_model
@@ -37,7 +40,10 @@ def teacher_model(cfg: CVConfig) -> torch.nn.Module:
     return build_model(cfg.model, cfg.data.img_size, start=file if phantom else None, file=None if phantom else file)
 
 
-def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only: bool = False) -> RunDir:
+def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only: bool = False,
+           jobs: int | str | None = 1) -> RunDir:
+    """Train the folds not yet DONE (`folds_to_run`: only those), then aggregate. `jobs` > 1 (or auto,
+    `jobs.resolve_jobs`) trains that many folds at once as `cv --out RUN --fold K` processes."""
     t0 = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -76,6 +82,15 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
         engine.log(f"trained fold(s) {folds_to_run}; when all folds are DONE run: "
                    f"python -m kd_fracture.cv --out {cfg.run_dir} --aggregate")
         return run
+    pending = [k for k in ks if not run.is_done(k)]
+    n_jobs = 1 if aggregate_only or distributed.world_size() > 1 else resolve_jobs(jobs, len(pending), device,
+                                                                                    cfg.data.img_size)
+    if n_jobs > 1:  # shared, like the fold jobs it starts; the aggregation below takes the run for itself
+        with run.lock(shared=True, hint=hint):
+            workers = resolve_num_workers(cfg.data, device, n_jobs)
+            run_jobs([[sys.executable, "-m", "kd_fracture.cv", "--out", str(run.path), "--fold", str(k),
+                       "--threads", str(max(1, cores() // n_jobs)), "--set", f"data.num_workers={workers}"]
+                      for k in pending], n_jobs, names=[f"fold {k}" for k in pending])
     with lock():
         if not aggregate_only:
             for k in ks:
@@ -106,7 +121,7 @@ def train_fold(cfg: CVConfig, manifest: Manifest, folds: pd.DataFrame, k: int | 
     def loader(r: pd.DataFrame, train: bool):
         return build_loader(r, manifest, cfg.data, cfg.aug, train=train, in_chans=cfg.model.in_chans,
                             batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size, seed=seed,
-                            cache=cache)
+                            cache=cache, device=device)
 
     def make_task(r):
         return tasks.SupervisedTask(loss=cfg.train.loss,

@@ -41,7 +41,8 @@ from tqdm.auto import tqdm
 from kd_fracture import io, search
 from kd_fracture.config import CVConfig, DistillConfig, from_dict, read_yaml, recipe_dict, replace, to_dict
 from kd_fracture.data.folds import read_folds_csv
-from kd_fracture.data.loaders import FoldRows, SharedCache, build_loader, data_name, fold_rows, resolve_manifest
+from kd_fracture.data.loaders import (FoldRows, SharedCache, backend_recipe, build_loader, data_name, fold_rows,
+                                     resolve_manifest)
 from kd_fracture.errors import ConfigError, UserError
 from kd_fracture.models.student import TIMM_PREFIX
 from kd_fracture.pipelines import pretraining
@@ -206,7 +207,8 @@ class Distiller:
         """Train: the V replayed views (same seed as the cache); eval: clean images in row order."""
         return build_loader(rows, self.manifest, self.data, self.aug, train=train, in_chans=cfg.student.in_chans,
                             batch_size=cfg.train.batch_size if train else cfg.train.eval_batch_size,
-                            seed=self.seed(cfg, k), num_views=cfg.kd.views if train else None, cache=self.images)
+                            seed=self.seed(cfg, k), num_views=cfg.kd.views if train else None, cache=self.images,
+                            device=self.device)
 
     def student_start(self, cfg: DistillConfig) -> Path | None:
         """The student's phantom-pretrained start (KD start for α > 0, hard-label start for α = 0), None = random."""
@@ -259,6 +261,7 @@ class Distiller:
         """What a trial's value depends on; a shared study refuses workers whose fingerprint differs."""
         train = {k: v for k, v in recipe_dict(cfg.train).items() if k not in ("device", "threads", "eval_batch_size")}
         train.update(engine.precision_recipe(cfg.train, self.device))
+        train.update(backend_recipe(self.data, self.device))  # {} for albumentations: earlier studies stay valid
         return {"teacher_checkpoints": [self.teacher.checkpoint_sha256(k) for k in range(self.data.folds)],
                 "manifest_sha256": self.manifest.sha256(), "img_size": self.data.img_size,
                 "student": to_dict(cfg.student), "student_pretrain": recipe_dict(cfg.pretrain), "train": train,

@@ -28,7 +28,7 @@ from torch import nn
 from kd_fracture import distributed, io
 from kd_fracture.train import checkpoint, engine, tasks
 from kd_fracture.config import CVConfig, DataConfig, DistillConfig, TrainConfig, recipe_dict, replace
-from kd_fracture.data.loaders import build_loader, holdout_rows
+from kd_fracture.data.loaders import backend_recipe, build_loader, holdout_rows
 from kd_fracture.data.manifest import Manifest, load_manifest
 from kd_fracture.data.phantom import GENERATOR_VERSION, generate_phantom, phantom_info
 from kd_fracture.errors import ConfigError
@@ -64,7 +64,8 @@ def recipe(cfg: CVConfig) -> dict:
     return {"generator_version": GENERATOR_VERSION, "model": m.name, "num_classes": m.num_classes,
             "in_chans": m.in_chans, "drop_rate": m.drop_rate, "overrides": m.overrides,
             "img_size": cfg.data.img_size, "phantom_size": cfg.data.phantom.size, "pretrain": recipe_dict(p),
-            "torch": torch.__version__.split("+")[0], **engine.precision_recipe(cfg.train)}
+            "torch": torch.__version__.split("+")[0], **engine.precision_recipe(cfg.train),
+            **backend_recipe(cfg.data, engine.resolve_device(cfg.train.device))}
 
 
 def weights_path(cfg: CVConfig) -> Path:
@@ -140,10 +141,11 @@ def train_on_corpus(cfg: CVConfig, model: nn.Module, make_task, train: TrainConf
     train_rows = manifest.df[manifest.df["split"] == "train"].reset_index(drop=True)
     val_rows = holdout_rows(manifest)
     data = DataConfig(img_size=cfg.data.img_size, num_workers=cfg.data.num_workers,
-                      cache_images=cfg.data.cache_images)
+                      cache_images=cfg.data.cache_images, aug_backend=cfg.data.aug_backend)
     loader = lambda rows, is_train: build_loader(  # noqa: E731
         rows, manifest, data, cfg.pretrain.aug, train=is_train, in_chans=in_chans, seed=train.seed,
-        batch_size=train.batch_size if is_train else train.eval_batch_size)
+        batch_size=train.batch_size if is_train else train.eval_batch_size,
+        device=engine.resolve_device(cfg.train.device))
     work = path.with_name(path.stem + ".work")  # state_last.pt here makes an interrupted build resume
     train = replace(train, device=cfg.train.device, threads=cfg.train.threads, amp=cfg.train.amp,
                     precision=cfg.train.precision)  # the run's precision, part of the recipe key
@@ -179,7 +181,8 @@ def student_recipe(dcfg: DistillConfig, teacher_cfg: CVConfig, kd: bool) -> dict
             **({"temperature": p.temperature, "alpha": p.alpha, "teacher": recipe(teacher_cfg)} if kd else {}),
             "corpus": recipe_dict(teacher_cfg.pretrain), "img_size": teacher_cfg.data.img_size,
             "generator_version": GENERATOR_VERSION, "torch": torch.__version__.split("+")[0],
-            **engine.precision_recipe(teacher_cfg.train)}
+            **engine.precision_recipe(teacher_cfg.train),
+            **backend_recipe(teacher_cfg.data, engine.resolve_device(teacher_cfg.train.device))}
 
 
 def student_weights_path(dcfg: DistillConfig, teacher_cfg: CVConfig, kd: bool) -> Path:

@@ -64,7 +64,7 @@ def ensemble_predict(cfg: CVConfig, run: RunDir, rows: pd.DataFrame, manifest: M
     members = list(range(cfg.data.folds)) if members is None else members
     load = load or (lambda k: load_fold_model(cfg, run, k))
     loader = build_loader(rows, manifest, cfg.data, cfg.aug, train=False, in_chans=cfg.model.in_chans,
-                          batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed, cache=cache)
+                          batch_size=cfg.train.eval_batch_size, seed=cfg.train.seed, cache=cache, device=device)
     pred = rows.reset_index(drop=True).copy()
     for k in members:
         model = load(k).to(device)

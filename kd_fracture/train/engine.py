@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from kd_fracture import distributed, io, metrics
 from kd_fracture.config import TrainConfig
+from kd_fracture.data.prefetch import DeviceBatches
 from kd_fracture.errors import UserError
 from kd_fracture.models.losses import positive_prob
 from kd_fracture.train.checkpoint import (BEST, HISTORY, LAST, CheckpointError, load_state, load_weights,
@@ -89,8 +90,9 @@ def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = T
     """Raw logits (N, C) in dataset order (the loader must not shuffle); autocast per `resolve_precision`."""
     model.eval()
     out = []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not show_progress() or desc is None):
-        x = batch["image"].to(device, non_blocking=True)
+    batches = DeviceBatches(loader, device)
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not show_progress() or desc is None):
+        x = batch["image"]
         if transform is not None:
             x = transform(x)
         if channels_last:
@@ -183,6 +185,79 @@ def evaluate_rows(model: nn.Module, loader, rows: pd.DataFrame, device: torch.de
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# compilation, GPU memory
+
+
+COMPILES = ("auto", "on", "off")
+COMPILE_MIN_STEPS = 10_000
+"""train.compile auto compiles on CUDA from this many optimiser steps per fit. Compiled, a bf16 training step ran
+1.10× (ResNet-50) and 1.33× (hybrid_s) the eager one at batch 128 on an H200 (issue #23), i.e. ≈ 3 and 5 ms saved
+per step, against tens of seconds of compilation per process; below this a fit saves less than it compiles."""
+
+
+def use_compile(cfg: TrainConfig, device: torch.device, steps: int) -> bool:
+    """train.compile: on | off | auto (on CUDA for fits of ≥ COMPILE_MIN_STEPS steps; never on the CPU, where
+    torch.compile took 46–164 s and ran 0.83–0.92× the eager step, benchmarks/README.md)."""
+    if cfg.compile not in COMPILES:
+        raise UserError(f"train.compile={cfg.compile!r}: choose one of {', '.join(COMPILES)}")
+    if cfg.compile == "auto":
+        return device.type == "cuda" and steps >= COMPILE_MIN_STEPS
+    return cfg.compile == "on"
+
+
+class CompiledOrEager(nn.Module):
+    """`torch.compile(module)` for the training steps; if compiling fails (it happens at the first call), one line
+    says so and the eager module trains from then on. The first call's time, which is the compilation, is logged.
+    Parameters, state_dict and checkpoints stay the eager module's (`unwrap`)."""
+
+    def __init__(self, module: nn.Module, name: str = ""):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_compiled", torch.compile(module))  # not a submodule: no second copy of the keys
+        self._name, self._first = name, True
+
+    def forward(self, *args, **kwargs):
+        if self._compiled is None:
+            return self.module(*args, **kwargs)
+        if not self._first:
+            return self._compiled(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 — any compiler failure: train eagerly rather than not at all
+            object.__setattr__(self, "_compiled", None)
+            log(f"{self._name}warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                "training without compilation (train.compile=off silences this)")
+            return self.module(*args, **kwargs)
+        self._first = False
+        log(f"{self._name}compiled the training step in {time.perf_counter() - t0:.1f}s (train.compile)")
+        return out
+
+
+@contextlib.contextmanager
+def out_of_memory_is_a_user_error(cfg: TrainConfig, device: torch.device, name: str = ""):
+    """CUDA out of memory → one line naming the batch sizes and the keys to lower; the last state stays resumable."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise TrainingError(f"{name}out of GPU memory at train.batch_size={cfg.batch_size} (evaluation: "
+                            f"train.eval_batch_size={cfg.eval_batch_size}) on {device}: lower them, e.g. --set "
+                            f"train.batch_size={max(1, cfg.batch_size // 2)}, and rerun the same command (finished "
+                            "epochs and folds are kept)") from None
+
+
+def cuda_memory(device: torch.device) -> dict:
+    """{"cuda_peak_mem_gb": peak allocated since the last call} on CUDA (then reset), {} elsewhere."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"cuda_peak_mem_gb": peak}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # fit
 
 
@@ -226,6 +301,8 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
     if world_size() > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if use_compile(cfg, device, cfg.epochs * steps_per_epoch):
+        train_model = CompiledOrEager(train_model, name)  # training steps only: eval batches vary in size
 
     start_epoch, best_score, best_epoch, bad_epochs, history = 0, -math.inf, -1, 0, []
     if (out_dir / LAST).exists():
@@ -258,13 +335,17 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
         t0 = time.perf_counter()
         seed_everything(epoch_seed(cfg.seed, epoch))
         set_epoch(train_loader, epoch, epoch_seed(cfg.seed + 1, epoch))
-        parts = train_one_epoch(train_model, task, train_loader, optimizer, scaler, cfg, device, epoch, name,
-                                scheduler=scheduler if cfg.schedule_per_step else None)
-        distributed.broadcast_buffers(unwrap(model))  # same BatchNorm statistics → same inner-val score on every rank
-        if scheduler is not None:
-            scheduler.step(epoch + 1)
-        _, result = evaluate_rows(model, val_loader, val_rows, device, cfg.amp, channels_last=cfg.channels_last,
-                                  precision=cfg.precision)
+        timing: dict = {}
+        with out_of_memory_is_a_user_error(cfg, device, name):
+            parts = train_one_epoch(train_model, task, train_loader, optimizer, scaler, cfg, device, epoch, name,
+                                    scheduler=scheduler if cfg.schedule_per_step else None, timing=timing)
+            distributed.broadcast_buffers(unwrap(model))  # same BatchNorm statistics → same inner-val score everywhere
+            if scheduler is not None:
+                scheduler.step(epoch + 1)
+            t_eval = time.perf_counter()
+            _, result = evaluate_rows(model, val_loader, val_rows, device, cfg.amp, channels_last=cfg.channels_last,
+                                      precision=cfg.precision)
+        t_writes = time.perf_counter()
         score = metrics.monitor_value(result, cfg.monitor)
         # checkpoint=last: every epoch "improves", so the kept weights are the final epoch's and patience never ends
         # the run early; best_score/best_epoch then describe the last epoch
@@ -275,22 +356,31 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
                 save_weights(model, out_dir / BEST, {"epoch": epoch, cfg.monitor: score})
         else:
             bad_epochs += 1
+        train_s = t_eval - t0
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in parts.items()},
                "val_study_kappa": result["study"]["kappa"], "val_study_auroc": result["study"]["auroc"],
                "val_image_auroc": result["image"]["auroc"], "lr": optimizer.param_groups[0]["lr"],
-               "time_s": time.perf_counter() - t0, "best": improved}
+               "time_s": time.perf_counter() - t0, "best": improved,
+               # where the epoch went (benchmarks/bench_gpu.py reads these): training (of which waiting for data),
+               # inner-val evaluation, and the writes of this epoch (best checkpoint, then resumable state)
+               "train_s": train_s, "data_wait_s": timing.get("data_wait_s"), "eval_s": t_writes - t_eval,
+               "checkpoint_s": time.perf_counter() - t_writes,
+               "train_images_per_s": timing.get("images", 0) / train_s if train_s > 0 else None,
+               **cuda_memory(device)}
         history.append(row)
         state_due = time.monotonic() - last_state_write >= cfg.state_interval_min * 60
-        if is_main():
-            io.write_csv(out_dir / HISTORY, pd.DataFrame(history))
         if is_main() and state_due:
             last_state_write = time.monotonic()
+            t_state = time.perf_counter()
             save_state(out_dir / LAST, {
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs, "history_columns": list(history[0]),
                 "history": [[r.get(c) for c in history[0]] for r in history], "torch_rng": torch.get_rng_state(),
                 "seed": cfg.seed})
+            row["checkpoint_s"] += time.perf_counter() - t_state
+        if is_main():
+            io.write_csv(out_dir / HISTORY, pd.DataFrame(history))
         log(f"{name}epoch {epoch + 1}/{cfg.epochs}  loss {parts['loss']:.4f}  "
             f"val κ {row['val_study_kappa']:.3f} AUROC {row['val_study_auroc']:.3f}  "
             f"lr {row['lr']:.2e}  {row['time_s']:.1f}s{'  *' if improved else ''}")
@@ -304,24 +394,26 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
 
 
 def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, scaler, cfg: TrainConfig,
-                    device: torch.device, epoch: int, name: str = "", scheduler=None) -> dict[str, float]:
-    """One pass over `loader`; returns the mean of every loss part. `scheduler`: timm scheduler updated per step."""
+                    device: torch.device, epoch: int, name: str = "", scheduler=None,
+                    timing: dict | None = None) -> dict[str, float]:
+    """One pass over `loader`; returns the mean of every loss part. `scheduler`: timm scheduler updated per step.
+    `timing`, if given, receives data_wait_s (the loop waiting for the host loader) and images.
+
+    The loss parts are summed on the device and read once at the end of the epoch: reading a CUDA number every step
+    (`float(loss)`, `isfinite(loss)`) waits for the GPU to finish that step, so the CPU could not queue the next one
+    and the GPU idles between steps. A non-finite loss therefore stops the run at the end of its epoch, before
+    anything of that epoch is saved."""
     model.train()
-    totals: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # loss part → Σ part × batch size, float64 on the device
     n = 0
-    bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}", leave=False, disable=not show_progress())
+    batches = DeviceBatches(loader, device, cfg.channels_last)  # on CUDA: batch k+1 is copied during step k
+    progress = show_progress()
+    bar = tqdm(batches, desc=f"{name}epoch {epoch + 1}", leave=False, disable=not progress)
     for step, batch in enumerate(bar):
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        if cfg.channels_last:
-            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg.amp, cfg.precision):
             parts = task.losses(model, batch, epoch)
-        loss = parts["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{name}epoch {epoch + 1}: loss became {loss.item()} (lr {cfg.lr:g} too high, or bad "
-                                "input?); stopped, the last good checkpoint is kept — lower --lr and rerun")
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(parts["loss"]).backward()
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -332,12 +424,19 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, scaler, cfg
         bs = len(batch["image"])
         n += bs
         for k, v in parts.items():
-            totals[k] = totals.get(k, 0.0) + float(v.detach()) * bs
-        bar.set_postfix(loss=f"{totals['loss'] / n:.4f}")
+            sums[k] = sums.get(k, 0.0) + v.detach().double() * bs
+        if progress:  # a terminal's progress bar reads the loss (one sync per step, only there)
+            bar.set_postfix(loss=f"{float(sums['loss']) / n:.4f}")
+    totals = dict(zip(sums, torch.stack(list(sums.values())).tolist())) if sums else {}  # the epoch's one sync
     if distributed.world_size() > 1:  # epoch means over all ranks' shards, as one process would log them
         summed = torch.tensor([n, *totals.values()], dtype=torch.float64, device=device)
         dist.all_reduce(summed)
         n, totals = int(summed[0]), dict(zip(totals, summed[1:].tolist()))
+    if not all(math.isfinite(v) for v in totals.values()):
+        raise TrainingError(f"{name}epoch {epoch + 1}: loss became {totals.get('loss')} (lr {cfg.lr:g} too high, or "
+                            "bad input?); stopped, the last good checkpoint is kept — lower --lr and rerun")
+    if timing is not None:
+        timing.update(data_wait_s=batches.wait_s, images=n)
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 

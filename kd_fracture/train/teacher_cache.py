@@ -35,7 +35,7 @@ from kd_fracture.train import checkpoint, engine
 from kd_fracture import io
 from kd_fracture.config import AugConfig, DataConfig, ModelConfig
 from kd_fracture.data.dataset import CLEAN_VIEW, make_loader
-from kd_fracture.data.loaders import SharedCache, aug_kwargs, build_loader
+from kd_fracture.data.loaders import SharedCache, aug_kwargs, backend_recipe, build_loader, resolve_num_workers
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.data.transforms import GRAY_MEAN, GRAY_STD, resolve_aug
 
@@ -61,7 +61,8 @@ class TeacherCache:
 
 
 def cache_components(teacher_checkpoint: Path, teacher: ModelConfig, data: DataConfig, aug: AugConfig, views: int,
-                     seed: int, image_paths: list[str], precision: str = "fp32") -> dict:
+                     seed: int, image_paths: list[str], precision: str = "fp32",
+                     device: torch.device | None = None) -> dict:
     """Everything the cached logits depend on (JSON-able); its sha256 is the cache key."""
     import albumentations
 
@@ -78,6 +79,7 @@ def cache_components(teacher_checkpoint: Path, teacher: ModelConfig, data: DataC
         "n_rows": len(image_paths),
         "rows_sha256": io.sha256_bytes("\n".join(image_paths).encode("utf-8")),
         "precision": precision,  # resolved autocast of the teacher's forward passes (bf16 logits differ from fp32)
+        **backend_recipe(data, device),  # the views' pixels: albumentations (absent, as before the key existed) | torch
     }
 
 
@@ -93,11 +95,11 @@ def compute_teacher_logits(teacher: nn.Module, rows: pd.DataFrame, manifest: Man
     """(N, V+1, C) teacher logits for views 0..V-1 and the clean view of `rows`, through the student's own dataset
     class and seed (train=True, num_views=V), only with the teacher's in_chans."""
     loader = build_loader(rows, manifest, data, aug, train=True, in_chans=in_chans, batch_size=batch_size, seed=seed,
-                          num_views=views, cache=image_cache, shuffle=False, drop_last=False)
+                          num_views=views, cache=image_cache, shuffle=False, drop_last=False, device=device)
     per_view = []
     for view in [*range(views), CLEAN_VIEW]:
         view_loader = make_loader(loader.dataset.with_view(view), batch_size, shuffle=False, seed=seed,
-                                  num_workers=data.num_workers)
+                                  num_workers=resolve_num_workers(data, device))
         name = "clean" if view == CLEAN_VIEW else f"view {view + 1}/{views}"
         per_view.append(engine.predict_logits(teacher, view_loader, device, amp, desc=f"{desc} {name}",
                                                 precision=precision))
@@ -117,7 +119,7 @@ def load_or_build(cache_dir: str | Path, load_teacher: Callable[[], nn.Module], 
     path = Path(cache_dir) / LOGITS_FILE
     rows = rows.reset_index(drop=True)
     components = cache_components(teacher_checkpoint, teacher, data, aug, views, seed, list(rows["image_path"]),
-                                  engine.resolve_precision(precision, device, amp))
+                                  engine.resolve_precision(precision, device, amp), device)
     key = _key(components)
     reason = _stale_reason(path, key, components)
     if reason is None:
