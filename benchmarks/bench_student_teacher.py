@@ -17,17 +17,21 @@ def run(ctx: Context) -> Result:
 
     student_latency_<backend>_<size> (issue 14): batch-1 latency, student ÷ teacher, at latency_small_size (64) and
     latency_img_size (224), target ≤ 0.15. At 224 px it is the batch-1 timing of 4b / 4d (one measurement, two
-    targets); at 64 px both models are timed again (the student built for 64 px, ONNX exported at 64 px)."""
+    targets); at 64 px both models are timed again (the student built for 64 px, ONNX exported at 64 px).
+
+    Both models are timed in their served form (`models.for_inference`: eval mode, BatchNorm folded into the
+    convolutions, issue #24), as predict, evaluate and the app run them; parameters are counted on the trained form."""
     from kd_fracture.config import DistillConfig
-    from kd_fracture.models import count_params, create_model, export
+    from kd_fracture.models import count_params, create_model, export, for_inference
 
     s, res = ctx.settings, Result()
     size = s.latency_img_size
     torch_seed(0)
-    models = {"teacher": (create_model(s.teacher, in_chans=3).eval(), 3),
-              "student": (create_model(s.student, in_chans=DistillConfig().student.in_chans, img_size=size).eval(),
-                          DistillConfig().student.in_chans)}
-    params = {k: count_params(m) for k, (m, _) in models.items()}
+    trained = {"teacher": create_model(s.teacher, in_chans=3).eval(),
+               "student": create_model(s.student, in_chans=DistillConfig().student.in_chans, img_size=size).eval()}
+    models = {"teacher": (for_inference(trained["teacher"]), 3),
+              "student": (for_inference(trained["student"]), DistillConfig().student.in_chans)}
+    params = {k: count_params(m) for k, m in trained.items()}
     res.figures.append(Figure("4a", "parameters, student ÷ teacher", params["student"] / params["teacher"], 0.20,
                               "<=", "× (ratio)", meaning=f"{s.student} has this fraction of {s.teacher}'s parameters",
                               details=params))
@@ -56,8 +60,8 @@ def run(ctx: Context) -> Result:
     small = s.latency_small_size
     if small != size:
         small_models = {"teacher": models["teacher"],
-                        "student": (create_model(s.student, in_chans=DistillConfig().student.in_chans,
-                                                 img_size=small).eval(), DistillConfig().student.in_chans)}
+                        "student": (for_inference(create_model(s.student, in_chans=DistillConfig().student.in_chans,
+                                                               img_size=small)), DistillConfig().student.in_chans)}
         small_runners = _runners(small_models, small, ctx, None)
         for backend, make in small_runners.items():
             batch1[(backend, small)] = _time_pair(make, small_models, 1, s.latency_small_runs, s.latency_threads)

@@ -102,7 +102,7 @@ def test_gpu_benchmark_runs_every_section_at_toy_sizes(tmp_path):
     result = json.loads(out.read_text())
     ids = {f["id"] for f in result["figures"]}
     assert {"recipe_vs_ceiling", "recipe_ips_gpu_batch", "mura_5fold_min", "quickstart_cold_s", "quickstart_warm_s",
-            "gpu_util_recipe", "student_train_gpu"} <= ids
+            "gpu_util_recipe", "student_train_gpu", "student_latency_gpu", "student_latency_gpu_ms"} <= ids
     recipe = result["details"]["recipe"]
     assert all(r["train_ips"] > 0 and r["eval_ips"] > 0 for r in recipe.values())
     assert set(result["details"]["quickstart"]) == {"cold", "warm"}

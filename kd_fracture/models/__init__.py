@@ -13,6 +13,7 @@ from torch import nn
 from kd_fracture.errors import UserError
 from kd_fracture.models.student import (STUDENT_REGISTRY, TIMM_PREFIX, HybridConfig, HybridStudent, create_student,
                                         is_student_name)
+from kd_fracture.models.serve import for_inference, graphed
 from kd_fracture.models.teacher import (FREEZE_MODES, apply_freeze, check_freeze_mode, classifier_names, create_teacher,
                                         freeze_backbone)
 
@@ -21,8 +22,8 @@ MIN_CAM_SIDE = 7
 
 __all__ = [
     "FREEZE_MODES", "STUDENT_REGISTRY", "HybridConfig", "HybridStudent", "apply_freeze", "classifier_param_names",
-    "count_params", "create_model", "create_student", "create_teacher", "freeze_backbone", "grad_cam_target_layer",
-    "is_student_name",
+    "count_params", "create_model", "create_student", "create_teacher", "for_inference", "freeze_backbone",
+    "grad_cam_target_layer", "graphed", "is_student_name",
 ]
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from kd_fracture import extras, io
 from kd_fracture.models.losses import positive_prob
+from kd_fracture.models.serve import for_inference
 
 __all__ = ["FoldEnsemble", "check_onnx", "count_flops", "cpu_latency_ms", "export_onnx", "profile_model"]
 
@@ -31,7 +32,13 @@ ONNX_TOLERANCE = 1e-4
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
+    """The trained model in eval mode on the CPU (the reference an export is checked against)."""
     return copy.deepcopy(model).cpu().eval()
+
+
+def _served_cpu_copy(model: nn.Module) -> nn.Module:
+    """What is deployed and timed: the served form (`serve.for_inference`, BatchNorm folded) on the CPU."""
+    return for_inference(_cpu_copy(model))
 
 
 @contextlib.contextmanager
@@ -59,8 +66,8 @@ def count_flops(model: nn.Module, in_chans: int, img_size: int) -> int:
 
 def cpu_latency_ms(model: nn.Module, in_chans: int, img_size: int, threads: int = 1, warmup: int = 5,
                    runs: int = 20) -> float:
-    """Median milliseconds per image at batch 1 on CPU with `threads` torch threads."""
-    model = _cpu_copy(model)
+    """Median milliseconds per image at batch 1 on CPU with `threads` torch threads, of the served form."""
+    model = _served_cpu_copy(model)
     x = torch.randn(1, in_chans, img_size, img_size, generator=torch.Generator().manual_seed(0))
     times = []
     with num_threads(threads), torch.inference_mode():
@@ -92,8 +99,8 @@ class FoldEnsemble(nn.Module):
 def export_onnx(model: nn.Module, path: str | Path, in_chans: int, img_size: int, opset: int = 18) -> dict:
     """Write `model` (eval, CPU) to ONNX with a dynamic batch axis: input "image" (B, in_chans, S, S), output
     "output". The dynamo exporter is tried first when onnxscript is installed; the TorchScript exporter is the
-    fallback. Returns {"path", "exporter", "opset"}."""
-    model = _cpu_copy(model)
+    fallback. The served form is exported (BatchNorm folded). Returns {"path", "exporter", "opset"}."""
+    model = _served_cpu_copy(model)
     example = torch.randn(2, in_chans, img_size, img_size)
     names = {"input_names": ["image"], "output_names": ["output"], "opset_version": opset}
     exporter = "torchscript"

@@ -22,6 +22,7 @@ from kd_fracture.data.imageio import set_window_percentiles
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.errors import UserError
 from kd_fracture.models import apply_freeze, create_model
+from kd_fracture.models.serve import for_inference
 from kd_fracture.models.student import TIMM_PREFIX
 from kd_fracture.runs import scoring
 from kd_fracture.runs.rundir import DEFAULT_RUNS_DIR, RunDir, require_done
@@ -151,8 +152,9 @@ class RunModels:
     """Where cfg.eval.threshold comes from, for people (`load_run_models` sets the run's recorded threshold)."""
 
     def load(self, member: int | str) -> nn.Module:
+        """Member `member` in its served form (`models.for_inference`: eval mode, BatchNorm folded)."""
         try:
-            return load_fold_model(self.cfg, self.run, member)
+            return for_inference(load_fold_model(self.cfg, self.run, member), name=f"{self.description} [{member}]")
         except RuntimeError as e:  # load_state_dict: architecture and checkpoint disagree
             detail = " ".join(str(e).split())[:200]
             raise checkpoint.CheckpointError(f"{self.run.fold(member) / checkpoint.BEST}: does not fit model "

@@ -99,8 +99,8 @@ def predict_logits(model: nn.Module, loader, device: torch.device, amp: bool = T
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp, precision):
             logits = model(x)
-        out.append(logits.float().reshape(len(x), -1).cpu())
-    return torch.cat(out) if out else torch.empty(0, 1)
+        out.append(logits.float().reshape(len(x), -1))  # stays on the device: a .cpu() per batch waits for the GPU
+    return torch.cat(out).cpu() if out else torch.empty(0, 1)
 
 
 def predict_probs(model: nn.Module, loader, device: torch.device, amp: bool = True, **kwargs) -> np.ndarray:
