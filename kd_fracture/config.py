@@ -191,6 +191,16 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class TrackConfig:
+    """Experiment tracking (issue #26); output only, so changing it never conflicts with a finished run."""
+
+    tensorboard: bool = True
+    """One TensorBoard event stream per fold, trial and final student in its `tb/` (train.tracking): every epoch's
+    losses, inner-val κ/AUROC, lr, images/s, data-wait share, memory; HParams at the end. Needs the tensorboard
+    package; without it one warning line and training goes on."""
+
+
+@dataclass(frozen=True)
 class CVConfig:
     """`python -m kd_fracture.cv`: K-fold teacher cross-validation + holdout."""
 
@@ -219,6 +229,7 @@ class CVConfig:
     """Keep state_last.pt (optimizer state) of DONE folds; by default a finished fold keeps only its weights."""
     sweep: dict = field(default_factory=dict)
     """Backbone sweep: {name: {overrides}} entries run on the same folds, then compared (see studies/backbone_sweep.yaml)."""
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 @dataclass(frozen=True)
@@ -328,6 +339,7 @@ class DistillConfig:
     onnx: bool = True
     """Export the first variant's fold-0 model to student.onnx and its fold ensemble to student_ensemble.onnx
     (each checked against torch when onnxruntime is installed)."""
+    track: TrackConfig = field(default_factory=TrackConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

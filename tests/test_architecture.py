@@ -16,7 +16,7 @@ CORE = {"kd_fracture", "kd_fracture.errors", "kd_fracture.io", "kd_fracture.extr
         "kd_fracture.config", "kd_fracture.metrics"}
 LAYERS = ["core", "data", "models", "train", "runs", "search", "report", "pipelines", "app", "cli", "command"]
 COMMANDS = {"cv", "distill", "dashboard", "predict", "evaluate", "explain", "compare", "pretrain", "phantom", "folds",
-            "manifest"}
+            "manifest", "tensorboard"}
 
 
 def module_name(root: Path, path: Path) -> str:

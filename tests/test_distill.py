@@ -4,6 +4,7 @@ One 2-fold × 1-epoch resnet10t teacher run is built per module (it is the input
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -244,6 +245,11 @@ def test_two_trial_study_writes_the_tree_and_reruns_resume(teacher_run, fold0, t
     missing += [f"final/{v}/{f}" for v in VARIANTS for f in VARIANT_FILES if not (out / "final" / v / f).exists()]
     assert not missing, missing
     assert not list((out / "trials").rglob("*.safetensors"))  # trial checkpoints are deleted once scored
+    # one TensorBoard stream per trial fold and per final student fold, named by study, variant and trial number
+    if importlib.util.find_spec("tensorboard") is not None:
+        for v in VARIANTS:
+            assert list((out / "trials" / v / "0" / "fold_0" / "tb").glob("events.out.tfevents.*")), v
+            assert list((out / "final" / v / "fold_1" / "tb").glob("events.out.tfevents.*")), v
 
     # equal budgets: every variant has its own study of the same size, over the keys that act on it
     space = set(load_config(DistillConfig).search.space)

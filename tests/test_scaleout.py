@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -258,8 +259,12 @@ def test_torchrun_resnet10t_two_folds(tiny_phantom, work):
     run_ok(python_m("kd_fracture.cv", *args, "--out", single))
     run_ok(torchrun("-m", "kd_fracture.cv", *args, "--out", ddp))
 
-    files = sorted(p.relative_to(ddp).as_posix() for p in ddp.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file())
+    def tree(run: Path) -> list[str]:  # TensorBoard names its event files by time and PID: one per fold's tb/
+        return sorted(re.sub(r"events\.out\.tfevents\..*$", "events.out.tfevents", p.relative_to(run).as_posix())
+                      for p in run.rglob("*") if p.is_file())
+
+    files = tree(ddp)
+    assert files == tree(single)  # rank 0 alone wrote, the TensorBoard streams included
     # no temp file left by a second writer; `.lock` is the run's advisory lock file (RunDir.lock), held by rank 0 only
     assert [f for f in files if Path(f).name.startswith(".")] == [".lock"]
     diff = np.abs(probabilities(ddp) - probabilities(single))

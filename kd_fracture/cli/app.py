@@ -19,8 +19,7 @@ import argparse
 import sys
 
 from kd_fracture import extras
-from kd_fracture.cli.common import new_parser
-from kd_fracture.cli.dashboard import exposure_warning
+from kd_fracture.cli.common import exposure_warning, new_parser
 from kd_fracture.errors import UserError, cli_main
 
 DEFAULT_HOST = "127.0.0.1"
@@ -64,11 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if extras.optional(module, "app", "the web app", log=False) is None:
             raise UserError(f"the web app needs {module.replace('multipart', 'python-multipart')}: "
                             "pip install 'kd_fracture[app]'")
-    warning = exposure_warning(args.host)
+    warning = exposure_warning(args.host, "the app", "the models, uploads and the runs' reports become")
     if warning:
-        print(warning.replace("the dashboard", "the app").replace(
-            "the study (parameters, values, notes) becomes", "the models, uploads and the runs' reports become"),
-            file=sys.stderr)
+        print(warning, file=sys.stderr)
     import uvicorn
 
     from kd_fracture.app.server import create_app

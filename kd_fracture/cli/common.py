@@ -8,6 +8,7 @@ seed, `--fold-seed` / `--phantom-seed` the others, `--img-size` the input side. 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import dataclasses
 import sys
 from collections.abc import Mapping
@@ -114,3 +115,26 @@ def show(df: pd.DataFrame) -> str:
     if "true_label" in shown:
         shown["true_label"] = shown["true_label"].map({0: "normal", 1: "abnormal"}).fillna("?")
     return shown.to_string(index=False, float_format=lambda x: f"{x:.3f}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# local servers (dashboard, tensorboard)
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to a public interface
+        return False
+
+
+def exposure_warning(host: str, server: str = "the dashboard",
+                     what: str = "the study (parameters, values, notes) becomes") -> str | None:
+    """The warning printed for a non-loopback --host (0.0.0.0, a LAN address, a host name), else None."""
+    if is_loopback(host):
+        return None
+    where = "every network interface" if host in ("0.0.0.0", "::") else host
+    return (f"warning: --host {host} binds {server} to {where}: {what} reachable from the network without "
+            "authentication; use it only on a trusted network, or keep the default 127.0.0.1 and use an SSH tunnel")

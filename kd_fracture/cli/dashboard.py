@@ -14,7 +14,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from kd_fracture.cli.common import new_parser
+from kd_fracture.cli.common import exposure_warning, is_loopback, new_parser  # noqa: F401 (is_loopback: API)
 from kd_fracture.config import DistillConfig
 from kd_fracture.errors import UserError, cli_main
 from kd_fracture.pipelines.distill import resolve_names
@@ -34,25 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: %(default)s")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
     return p
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to a public interface
-        return False
-
-
-def exposure_warning(host: str) -> str | None:
-    """The warning printed for a non-loopback --host (0.0.0.0, a LAN address, a host name), else None."""
-    if is_loopback(host):
-        return None
-    where = "every network interface" if host in ("0.0.0.0", "::") else host
-    return (f"warning: --host {host} binds the dashboard to {where}: the study (parameters, values, notes) becomes "
-            "reachable from the network without authentication; use it only on a trusted network, or keep the "
-            "default 127.0.0.1 and use an SSH tunnel")
 
 
 def url_for(host: str, port: int) -> str:

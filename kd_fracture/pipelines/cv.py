@@ -129,7 +129,9 @@ def train_fold(cfg: CVConfig, manifest: Manifest, folds: pd.DataFrame, k: int | 
                                     label_smoothing=cfg.train.label_smoothing, mixup=tasks.make_mixup(cfg.train))
 
     result = train_and_score_fold(k, rows, lambda: teacher_model(cfg), make_task, loader, cfg.train, cfg.eval,
-                                  run.fold(name), name=f"fold {name}", device=device)
+                                  run.fold(name), name=f"fold {name}", device=device,
+                                  tensorboard=cfg.track.tensorboard,
+                                  hparams={"model": cfg.model.name, "img_size": cfg.data.img_size, "fold": str(name)})
     if engine.is_main():
         info = dict(result.info)
         if result.result is not None:

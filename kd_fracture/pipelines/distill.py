@@ -244,7 +244,10 @@ class Distiller:
         return train_and_score_fold(k, rows, lambda: self.build_student(cfg), make_task,
                                     lambda r, train: self.loader(cfg, r, k, train), replace(cfg.train, epochs=epochs),
                                     cfg.eval, out_dir, name=name, device=self.device, meta={**(meta or {}), **info},
-                                    epoch_callback=after_epoch)
+                                    epoch_callback=after_epoch, tensorboard=cfg.track.tensorboard,
+                                    hparams={"student": cfg.student.name, "img_size": self.data.img_size, "fold": k,
+                                             "kd.temperature": cfg.kd.temperature, "kd.alpha": cfg.kd.alpha,
+                                             "kd.views": cfg.kd.views, "run": name})
 
     # -- search --------------------------------------------------------------------------------------------------------
 

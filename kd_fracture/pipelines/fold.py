@@ -54,7 +54,8 @@ def fold_seed(seed: int, k: int | None) -> int:
 def train_and_score_fold(k: int | None, rows: FoldRows, build_model: Callable[[], nn.Module],
                          make_task: Callable[[FoldRows], Task], loader: Loader, train: TrainConfig,
                          eval_cfg: EvalConfig, out_dir: Path, *, name: str, device: torch.device,
-                         meta: dict | None = None, epoch_callback=None) -> FoldResult:
+                         meta: dict | None = None, epoch_callback=None, tensorboard: bool = False,
+                         hparams: dict | None = None) -> FoldResult:
     """Train fold k's model into out_dir and score fold k (k=None: the refit model, trained but not scored).
 
     `train.seed` is the run's seed; the fold trains with `fold_seed(seed, k)`. The model is built after seeding, so
@@ -65,7 +66,7 @@ def train_and_score_fold(k: int | None, rows: FoldRows, build_model: Callable[[]
     task = make_task(rows)
     fit = engine.fit(model, task, loader(rows.train, True), loader(rows.inner_val, False), rows.inner_val,
                      replace(train, seed=seed), out_dir, name=f"{name}: ", device=device,
-                     epoch_callback=epoch_callback)
+                     epoch_callback=epoch_callback, tensorboard=tensorboard, hparams=hparams)
     info = {"best_epoch": fit.best_epoch, f"inner_val_{train.monitor}": fit.best_score,
             "epochs_run": len(fit.history), "params": count_params(model),
             "trainable_params": count_params(model, trainable_only=True),

@@ -31,7 +31,7 @@ DEFAULT_RUNS_DIR = "runs"
 RUNTIME_KEYS = {"data.num_workers", "data.verify_images", "data.regenerate_folds", "data.cache_images",
                 "train.device", "train.threads", "train.eval_batch_size", "run_dir", "data.phantom.cache_dir",
                 "search.n_trials", "search.timeout", "search.storage", "search.heartbeat_interval",
-                "search.grace_period", "search.worker", "sweep",
+                "search.grace_period", "search.worker", "sweep", "track",
                 # output-only: a rerun may switch an export off (e.g. without the onnx extra) and finish the run
                 "onnx", "latency_threads", "keep_state", "train.state_interval_min"}
 

@@ -37,6 +37,7 @@ from kd_fracture.models.losses import positive_prob
 from kd_fracture.train.checkpoint import (BEST, HISTORY, LAST, CheckpointError, load_state, load_weights,
                                           remove_checkpoint, save_state, save_weights, unwrap, verify_sidecar)
 from kd_fracture.train.tasks import Task
+from kd_fracture.train.tracking import TensorBoard
 
 CHECKPOINT_CHOICES = ("best", "last")
 
@@ -271,7 +272,8 @@ class FitResult:
 
 def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.DataFrame, cfg: TrainConfig,
         out_dir: str | Path, *, name: str = "", device: torch.device | None = None,
-        epoch_callback: Callable[[int, dict], None] | None = None) -> FitResult:
+        epoch_callback: Callable[[int, dict], None] | None = None, tensorboard: bool = False,
+        hparams: dict | None = None) -> FitResult:
     """Train `model` with `task` until `cfg.epochs` or early stopping; resume from `out_dir/state_last.pt` if present.
 
     out_dir receives checkpoint_best.safetensors (+ .json), state_last.pt (+ .json) and history.csv; on return the
@@ -328,65 +330,75 @@ def fit(model: nn.Module, task: Task, train_loader, val_loader, val_rows: pd.Dat
 
     stopped_early = False
     last_state_write = time.monotonic()  # state_last.pt is rewritten at most every train.state_interval_min
-    for epoch in range(start_epoch, cfg.epochs):
-        if bad_epochs >= cfg.patience:
-            stopped_early = True
-            break
-        t0 = time.perf_counter()
-        seed_everything(epoch_seed(cfg.seed, epoch))
-        set_epoch(train_loader, epoch, epoch_seed(cfg.seed + 1, epoch))
-        timing: dict = {}
-        with out_of_memory_is_a_user_error(cfg, device, name):
-            parts = train_one_epoch(train_model, task, train_loader, optimizer, scaler, cfg, device, epoch, name,
-                                    scheduler=scheduler if cfg.schedule_per_step else None, timing=timing)
-            distributed.broadcast_buffers(unwrap(model))  # same BatchNorm statistics → same inner-val score everywhere
-            if scheduler is not None:
-                scheduler.step(epoch + 1)
-            t_eval = time.perf_counter()
-            _, result = evaluate_rows(model, val_loader, val_rows, device, cfg.amp, channels_last=cfg.channels_last,
-                                      precision=cfg.precision)
-        t_writes = time.perf_counter()
-        score = metrics.monitor_value(result, cfg.monitor)
-        # checkpoint=last: every epoch "improves", so the kept weights are the final epoch's and patience never ends
-        # the run early; best_score/best_epoch then describe the last epoch
-        improved = score > best_score or cfg.checkpoint == "last"
-        if improved:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
+    # one event stream per fit in out_dir/tb; a resumed fit drops what a killed process wrote past start_epoch
+    tb = TensorBoard(out_dir, start_epoch, enabled=tensorboard and is_main(), name=name)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if bad_epochs >= cfg.patience:
+                stopped_early = True
+                break
+            t0 = time.perf_counter()
+            seed_everything(epoch_seed(cfg.seed, epoch))
+            set_epoch(train_loader, epoch, epoch_seed(cfg.seed + 1, epoch))
+            timing: dict = {}
+            with out_of_memory_is_a_user_error(cfg, device, name):
+                parts = train_one_epoch(train_model, task, train_loader, optimizer, scaler, cfg, device, epoch, name,
+                                        scheduler=scheduler if cfg.schedule_per_step else None, timing=timing)
+                distributed.broadcast_buffers(unwrap(model))  # same BN statistics → same inner-val score
+                if scheduler is not None:
+                    scheduler.step(epoch + 1)
+                t_eval = time.perf_counter()
+                _, result = evaluate_rows(model, val_loader, val_rows, device, cfg.amp, channels_last=cfg.channels_last,
+                                          precision=cfg.precision)
+            t_writes = time.perf_counter()
+            score = metrics.monitor_value(result, cfg.monitor)
+            # checkpoint=last: every epoch "improves", so the kept weights are the final epoch's and patience never ends
+            # the run early; best_score/best_epoch then describe the last epoch
+            improved = score > best_score or cfg.checkpoint == "last"
+            if improved:
+                best_score, best_epoch, bad_epochs = score, epoch, 0
+                if is_main():
+                    save_weights(model, out_dir / BEST, {"epoch": epoch, cfg.monitor: score})
+            else:
+                bad_epochs += 1
+            train_s = t_eval - t0
+            row = {"epoch": epoch, **{f"train_{k}": v for k, v in parts.items()},
+                   "val_study_kappa": result["study"]["kappa"], "val_study_auroc": result["study"]["auroc"],
+                   "val_image_auroc": result["image"]["auroc"], "lr": optimizer.param_groups[0]["lr"],
+                   "time_s": time.perf_counter() - t0, "best": improved,
+                   # where the epoch went (benchmarks/bench_gpu.py reads these): training (of which waiting for data),
+                   # inner-val evaluation, and the writes of this epoch (best checkpoint, then resumable state)
+                   "train_s": train_s, "data_wait_s": timing.get("data_wait_s"), "eval_s": t_writes - t_eval,
+                   "checkpoint_s": time.perf_counter() - t_writes,
+                   "train_images_per_s": timing.get("images", 0) / train_s if train_s > 0 else None,
+                   **cuda_memory(device)}
+            history.append(row)
+            state_due = time.monotonic() - last_state_write >= cfg.state_interval_min * 60
+            if is_main() and state_due:
+                last_state_write = time.monotonic()
+                t_state = time.perf_counter()
+                save_state(out_dir / LAST, {
+                    "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs, "history_columns": list(history[0]),
+                    "history": [[r.get(c) for c in history[0]] for r in history], "torch_rng": torch.get_rng_state(),
+                    "seed": cfg.seed})
+                row["checkpoint_s"] += time.perf_counter() - t_state
             if is_main():
-                save_weights(model, out_dir / BEST, {"epoch": epoch, cfg.monitor: score})
-        else:
-            bad_epochs += 1
-        train_s = t_eval - t0
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in parts.items()},
-               "val_study_kappa": result["study"]["kappa"], "val_study_auroc": result["study"]["auroc"],
-               "val_image_auroc": result["image"]["auroc"], "lr": optimizer.param_groups[0]["lr"],
-               "time_s": time.perf_counter() - t0, "best": improved,
-               # where the epoch went (benchmarks/bench_gpu.py reads these): training (of which waiting for data),
-               # inner-val evaluation, and the writes of this epoch (best checkpoint, then resumable state)
-               "train_s": train_s, "data_wait_s": timing.get("data_wait_s"), "eval_s": t_writes - t_eval,
-               "checkpoint_s": time.perf_counter() - t_writes,
-               "train_images_per_s": timing.get("images", 0) / train_s if train_s > 0 else None,
-               **cuda_memory(device)}
-        history.append(row)
-        state_due = time.monotonic() - last_state_write >= cfg.state_interval_min * 60
-        if is_main() and state_due:
-            last_state_write = time.monotonic()
-            t_state = time.perf_counter()
-            save_state(out_dir / LAST, {
-                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs, "history_columns": list(history[0]),
-                "history": [[r.get(c) for c in history[0]] for r in history], "torch_rng": torch.get_rng_state(),
-                "seed": cfg.seed})
-            row["checkpoint_s"] += time.perf_counter() - t_state
-        if is_main():
-            io.write_csv(out_dir / HISTORY, pd.DataFrame(history))
-        log(f"{name}epoch {epoch + 1}/{cfg.epochs}  loss {parts['loss']:.4f}  "
-            f"val κ {row['val_study_kappa']:.3f} AUROC {row['val_study_auroc']:.3f}  "
-            f"lr {row['lr']:.2e}  {row['time_s']:.1f}s{'  *' if improved else ''}")
-        if epoch_callback is not None:
-            epoch_callback(epoch, row)
+                io.write_csv(out_dir / HISTORY, pd.DataFrame(history))
+            tb.epoch(epoch, row)
+            log(f"{name}epoch {epoch + 1}/{cfg.epochs}  loss {parts['loss']:.4f}  "
+                f"val κ {row['val_study_kappa']:.3f} AUROC {row['val_study_auroc']:.3f}  "
+                f"lr {row['lr']:.2e}  {row['time_s']:.1f}s{'  *' if improved else ''}")
+            if epoch_callback is not None:
+                epoch_callback(epoch, row)
+    except BaseException:  # an error or Ctrl-C: the stream is closed (its thread stopped), the run is not
+        tb.close()
+        raise
 
+    tb.close({"lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
+              "optimizer": cfg.optimizer, "seed": cfg.seed, "precision": precision, **(hparams or {})},
+             {"best_inner_val": best_score, "best_epoch": best_epoch, "epochs_run": len(history)})
     distributed.barrier()  # rank 0 has written the best checkpoint that every rank loads next
     if (out_dir / BEST).exists():
         load_weights(model, out_dir / BEST)
