@@ -14,7 +14,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from kd_fracture.cli.common import exposure_warning, is_loopback, new_parser  # noqa: F401 (is_loopback: API)
+from kd_fracture.cli.common import exposure_warning, new_parser
 from kd_fracture.config import DistillConfig
 from kd_fracture.errors import UserError, cli_main
 from kd_fracture.pipelines.distill import resolve_names

@@ -112,6 +112,11 @@ def backend_recipe(data: DataConfig, device: torch.device | None = None) -> dict
     return {} if backend == "albumentations" else {"aug_backend": backend}
 
 
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a Slurm allocation), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_num_workers(data: DataConfig, device: torch.device | None = None, jobs: int = 1) -> int:
     """data.num_workers → an int (auto: 0 on the CPU; on CUDA the cores this process may use, less one for the
     training loop, divided among `jobs` concurrent processes, at most 8)."""
@@ -125,8 +130,7 @@ def resolve_num_workers(data: DataConfig, device: torch.device | None = None, jo
         return workers
     if (device or default_device()).type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // max(1, jobs) - 1))
+    return max(1, min(8, cores() // max(1, jobs) - 1))
 
 
 def build_loader(rows: pd.DataFrame, manifest: Manifest, data: DataConfig, aug: AugConfig, *, train: bool,

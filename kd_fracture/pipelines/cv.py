@@ -16,13 +16,13 @@ import torch
 
 from kd_fracture import distributed, io
 from kd_fracture.config import CVConfig
-from kd_fracture.data.loaders import (SharedCache, build_loader, fold_rows, resolve_folds, resolve_manifest,
+from kd_fracture.data.loaders import (SharedCache, build_loader, cores, fold_rows, resolve_folds, resolve_manifest,
                                      resolve_num_workers)
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.errors import UserError
 from kd_fracture.pipelines import pretraining
 from kd_fracture.pipelines.fold import fold_seed, train_and_score_fold
-from kd_fracture.pipelines.jobs import cores, resolve_jobs, run_jobs
+from kd_fracture.pipelines.jobs import resolve_jobs, run_jobs
 from kd_fracture.report.aggregate import aggregate
 from kd_fracture.runs import scoring
 from kd_fracture.runs.models import build_model

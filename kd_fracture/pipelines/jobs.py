@@ -17,14 +17,11 @@ from collections.abc import Sequence
 
 import torch
 
+from kd_fracture.data.loaders import cores
 from kd_fracture.errors import UserError
 from kd_fracture.train import engine
 
 JOBS_AUTO = "auto"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parse_jobs(value: int | str | None) -> int | str:
