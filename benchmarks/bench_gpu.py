@@ -183,8 +183,8 @@ def recipe_run(work: Path, phantom: Path, batch: int, lr: float, epochs: int, si
     return {"batch": batch, "lr": lr, "wall_s": round(wall, 1), "n_train": metrics["n_train"],
             "n_inner_val": eval_images, "train_ips": float(steady["train_images_per_s"].median()),
             "eval_ips": float(eval_images / steady["eval_s"].median()),
-            "gpu_util": util.mean, "peak_mem_gb": float(history.get("cuda_peak_mem_gb", pd.Series([None])).max())
-            if "cuda_peak_mem_gb" in history else None,
+            "gpu_util": util.mean,
+            "peak_mem_gb": float(history["cuda_peak_mem_gb"].max()) if "cuda_peak_mem_gb" in history else None,
             "breakdown": steady[["train_s", "data_wait_s", "eval_s", "checkpoint_s", "time_s"]].median().to_dict(),
             "kappa": metrics["study"]["kappa"], "auroc": metrics["study"]["auroc"]}
 

@@ -10,7 +10,6 @@ trials, so from another machine prefer an SSH tunnel (`ssh -L 8080:127.0.0.1:808
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from pathlib import Path
 

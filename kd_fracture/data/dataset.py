@@ -68,6 +68,13 @@ class ImageCache:
 AUG_BACKENDS = ("albumentations", "torch")
 
 
+def check_aug_backend(backend: str) -> str:
+    """`backend` if it is one of AUG_BACKENDS, else a ConfigError naming data.aug_backend."""
+    if backend not in AUG_BACKENDS:
+        raise ConfigError(f"data.aug_backend={backend!r}: choose auto or one of {', '.join(AUG_BACKENDS)}")
+    return backend
+
+
 class XrayDataset(Dataset):
     """Manifest rows -> {"image": (in_chans, S, S) float32, "label": () float32, "index": int, "view": int}.
 
@@ -83,9 +90,7 @@ class XrayDataset(Dataset):
     def __init__(self, df: pd.DataFrame, root: Path, img_size: int, train: bool, in_chans: int = 1, seed: int = 0,
                  num_views: int | None = None, cache: bool | ImageCache = False, aug: dict[str, Any] | None = None,
                  backend: str = "albumentations"):
-        if backend not in AUG_BACKENDS:
-            raise ConfigError(f"data.aug_backend={backend!r}: choose auto or one of {', '.join(AUG_BACKENDS)}")
-        self.backend = backend
+        self.backend = check_aug_backend(backend)
         if in_chans not in (1, 3):
             raise ConfigError(f"in_chans={in_chans}: must be 1 (grayscale) or 3 (replicated grayscale)")
         if num_views is not None and num_views < 1:

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from kd_fracture.config import AugConfig, DataConfig, PhantomConfig
-from kd_fracture.data.dataset import AUG_BACKENDS, ImageCache, XrayDataset, make_loader
+from kd_fracture.data.dataset import ImageCache, XrayDataset, check_aug_backend, make_loader
 from kd_fracture.errors import ConfigError
 from kd_fracture.data.folds import inner_val_split, load_or_make_folds, study_ids_to_rows
 from kd_fracture.data.imageio import set_window_percentiles
@@ -98,9 +98,7 @@ def default_device() -> torch.device:
 def resolve_aug_backend(data: DataConfig, device: torch.device | None = None) -> str:
     """data.aug_backend → albumentations | torch (auto: torch where the batches train on CUDA)."""
     if data.aug_backend != "auto":
-        if data.aug_backend not in AUG_BACKENDS:
-            raise ConfigError(f"data.aug_backend={data.aug_backend!r}: choose auto or one of {', '.join(AUG_BACKENDS)}")
-        return data.aug_backend
+        return check_aug_backend(data.aug_backend)
     return "torch" if (device or default_device()).type == "cuda" else "albumentations"
 
 

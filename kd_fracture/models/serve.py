@@ -92,15 +92,14 @@ def for_inference(model: nn.Module, name: str = "model", example: Tensor | None 
     x = (_example(served) if example is None else example).to(device)
     with torch.no_grad():
         want = served(x).float()
-        folded = copy.deepcopy(served)
-        n = fold_batchnorms(folded)
-        got = folded(x).float()
+        n = fold_batchnorms(served)  # in place on the copy
+        got = served(x).float()
     scale = want.abs().max().clamp_min(1.0)
     if n and not torch.allclose(got, want, rtol=0, atol=FOLD_RTOL * float(scale)):
         _note(f"{name}: folding BatchNorm into its convolutions changed the output (max |Δ| "
               f"{float((got - want).abs().max()):.2g}); serving it unfolded")
-        return served
-    return folded
+        return copy.deepcopy(model).eval()  # the rare case pays for a second copy, not every model served
+    return served
 
 
 class GraphedForward(nn.Module):

@@ -16,13 +16,13 @@ import torch
 
 from kd_fracture import distributed, io
 from kd_fracture.config import CVConfig
-from kd_fracture.data.loaders import (SharedCache, build_loader, cores, fold_rows, resolve_folds, resolve_manifest,
+from kd_fracture.data.loaders import (SharedCache, build_loader, fold_rows, resolve_folds, resolve_manifest,
                                      resolve_num_workers)
 from kd_fracture.data.manifest import Manifest
 from kd_fracture.errors import UserError
 from kd_fracture.pipelines import pretraining
 from kd_fracture.pipelines.fold import fold_seed, train_and_score_fold
-from kd_fracture.pipelines.jobs import resolve_jobs, run_jobs
+from kd_fracture.pipelines.jobs import resolve_jobs, run_jobs, threads_per_job
 from kd_fracture.report.aggregate import aggregate
 from kd_fracture.runs import scoring
 from kd_fracture.runs.models import build_model
@@ -89,7 +89,7 @@ def run_cv(cfg: CVConfig, folds_to_run: list[int] | None = None, aggregate_only:
         with run.lock(shared=True, hint=hint):
             workers = resolve_num_workers(cfg.data, device, n_jobs)
             run_jobs([[sys.executable, "-m", "kd_fracture.cv", "--out", str(run.path), "--fold", str(k),
-                       "--threads", str(max(1, cores() // n_jobs)), "--set", f"data.num_workers={workers}"]
+                       "--threads", str(threads_per_job(n_jobs)), "--set", f"data.num_workers={workers}"]
                       for k in pending], n_jobs, names=[f"fold {k}" for k in pending])
     with lock():
         if not aggregate_only:

@@ -54,6 +54,11 @@ def resolve_jobs(value: int | str | None, pending: int, device: torch.device, im
     return n
 
 
+def threads_per_job(jobs: int) -> int:
+    """torch threads of each of `jobs` concurrent processes: this process's cores, shared out."""
+    return max(1, cores() // jobs)
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Linux: the job gets SIGKILL when the process that started it dies (a killed `cv --jobs` leaves no orphans)."""
     try:
@@ -68,7 +73,7 @@ def run_jobs(commands: Sequence[list[str]], jobs: int, names: Sequence[str]) -> 
     """Run `commands` (argv lists), at most `jobs` at once; each gets cores // jobs torch threads. Their stderr is
     this process's. Returns when all succeeded; otherwise, once the running ones have finished, raises a UserError
     naming the first failure and its exit code."""
-    threads = max(1, cores() // jobs)
+    threads = threads_per_job(jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     queue = list(zip(names, commands))
     running: list[tuple[str, subprocess.Popen]] = []

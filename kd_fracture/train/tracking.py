@@ -68,8 +68,8 @@ class TensorBoard:
             return
         try:
             for column, value in row.items():
-                tag = SCALARS.get(column) or (f"loss/{column}" if column.startswith("train_") and column not in (
-                    "train_s", "train_images_per_s") else None)
+                tag = SCALARS.get(column) or (f"loss/{column}" if column.startswith("train_") and column != "train_s"
+                                              else None)
                 if tag and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(tag, value, epoch)
             if row.get("data_wait_s") is not None and row.get("train_s"):
